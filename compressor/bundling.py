@@ -1,0 +1,45 @@
+"""Turn a compression result into a signed bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compressor.pipeline import CompressionResult
+from edge_runtime import signing
+from edge_runtime.bundle import pack_golden, write_bundle
+from edge_runtime.manifest import Manifest
+from edge_runtime.profiles import DeviceProfile
+
+__all__ = ["write_result_bundle"]
+
+MODEL_MEMBER = {"onnxruntime": "model.onnx", "tflite": "model.tflite"}
+
+
+def write_result_bundle(
+    result: CompressionResult,
+    output: Path,
+    *,
+    name: str,
+    version: str,
+    profile: DeviceProfile,
+    private_key: signing.PrivateKey,
+    force: bool = False,
+) -> Manifest:
+    """Write `result` as a signed bundle at `output`; returns the signed manifest."""
+    engine = str(profile.runtime.engine)
+    model_file = MODEL_MEMBER[engine]
+    manifest = Manifest(
+        name=name,
+        version=version,
+        profile=profile.name,
+        engine=engine,
+        model_file=model_file,
+        inputs=result.inputs,
+        outputs=result.outputs,
+        files={},
+        golden=result.golden_spec,
+        session_config=dict(result.session_config),
+        report=result.report,
+    )
+    members = {model_file: result.model_bytes, result.golden_spec.file: pack_golden(result.golden)}
+    return write_bundle(Path(output), manifest, members, private_key, force=force)

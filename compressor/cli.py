@@ -1,0 +1,113 @@
+"""`edgectl compress` and `edgectl demo` (loaded only when called, so devices never import onnx)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from edge_runtime.errors import UsageError
+
+__all__ = ["compress", "demo"]
+
+
+def _echo(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--profile", "profile_name", required=True, help="Built-in profile name or a .toml file.")
+@click.option("--calibration", required=True, type=click.Path(path_type=Path),
+              help=".npz/.npy file or folder of them: input name -> [samples, ...] arrays.")
+@click.option("--validation", type=click.Path(path_type=Path),
+              help="Held-out samples for the report (default: 25% of --calibration, never used to calibrate).")
+@click.option("--labels", type=click.Path(path_type=Path), help=".npy class ids for the validation samples.")
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+              help="ed25519 private key (edgectl keygen) that signs the bundle.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle file to write.")
+@click.option("--name", help="Model name in the bundle (default: the model file's stem).")
+@click.option("--version", "model_version", default="1", show_default=True, help="Model version in the bundle.")
+@click.option("--calibrate-method", type=click.Choice(["MinMax", "Percentile", "Entropy"]), default="MinMax",
+              show_default=True)
+@click.option("--float-compute", is_flag=True, help="Store weights int8 but never compute in int8.")
+@click.option("--force", is_flag=True, help="Overwrite the output file.")
+def compress(
+    model: Path, profile_name: str, calibration: Path, validation: Path | None, labels: Path | None,
+    key_path: Path, output: Path, name: str | None, model_version: str, calibrate_method: str,
+    float_compute: bool, force: bool,
+) -> None:
+    """Compress an ONNX MODEL for a device profile into a signed bundle, and print the measured report."""
+    from compressor.bundling import write_result_bundle
+    from compressor.data import load_dataset, split
+    from compressor.onnx_model import load_model, tensor_specs
+    from compressor.pipeline import compress as run_compress
+    from edge_runtime.report_text import format_report
+    from edge_runtime.profiles import load_profile
+    from edge_runtime.signing import load_private_key
+
+    if output.exists() and not force:
+        raise UsageError(f"{output} already exists (use --force to overwrite)")
+    if not output.parent.is_dir():
+        raise UsageError(f"output folder {output.parent} does not exist")
+    profile = load_profile(profile_name)
+    private_key = load_private_key(key_path)
+    original = load_model(model)
+    inputs = tensor_specs(list(original.graph.input), {init.name for init in original.graph.initializer})
+    data = load_dataset(calibration, inputs, labels if validation is None else None)
+    if validation is None:
+        calibration_set, validation_set = split(data)
+    else:
+        calibration_set, validation_set = data, load_dataset(validation, inputs, labels)
+    for note in data.notes:
+        _echo(f"note: {note}")
+    result = run_compress(
+        model, profile, calibration_set.samples, validation=validation_set.samples, labels=validation_set.labels,
+        pass_options={"int8": {"calibrate_method": calibrate_method, "allow_int8_compute": not float_compute}},
+        log=_echo,
+    )
+    write_result_bundle(result, output, name=name or model.stem, version=model_version, profile=profile,
+                        private_key=private_key, force=force)
+    click.echo(format_report(result.report))
+    click.echo(f"wrote {output} ({output.stat().st_size} bytes)")
+
+
+@click.command()
+@click.option("--profile", "profile_name", default="x86-vnni-gateway", show_default=True)
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), help="Keep the bundle and keys here.")
+def demo(profile_name: str, output_dir: Path | None) -> None:
+    """Train the embedded digits model, compress it, sign, verify and self-test the bundle."""
+    from compressor.bundling import write_result_bundle
+    from compressor.demo_model import train_digits_model
+    from compressor.pipeline import compress as run_compress
+    from edge_runtime.report_text import format_report
+    from edge_runtime.backends import load_backend
+    from edge_runtime.bundle import read_bundle
+    from edge_runtime.profiles import load_profile
+    from edge_runtime.selftest import run_selftest
+    from edge_runtime.signing import generate_keypair, load_private_key, load_public_key
+
+    profile = load_profile(profile_name)
+    workdir = output_dir or Path(tempfile.mkdtemp(prefix="edgectl-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    _echo("training the digits MLP (scikit-learn digits, 64-128-10)...")
+    task = train_digits_model()
+    model_path = workdir / "digits.onnx"
+    model_path.write_bytes(task.model)
+    private_path, public_path = generate_keypair(workdir, "demo", force=True)
+    result = run_compress(model_path, profile, task.calibration, validation=task.validation, labels=task.labels,
+                          log=_echo)
+    bundle_path = workdir / "digits.edgebundle"
+    write_result_bundle(result, bundle_path, name="digits", version="1", profile=profile,
+                        private_key=load_private_key(private_path), force=True)
+    click.echo(format_report(result.report))
+    bundle = read_bundle(bundle_path, load_public_key(public_path))
+    backend = load_backend(bundle.manifest, bundle.model_bytes, profile)
+    try:
+        selftest = run_selftest(backend.run, bundle.golden_cases(), bundle.manifest.golden)
+    finally:
+        backend.close()
+    click.echo(f"bundle {bundle_path}: signature OK (key {bundle.signed_by}), checksums OK, self-test "
+               f"{'passed' if selftest.passed else 'FAILED: ' + selftest.reason} ({selftest.cases} golden cases)")
+

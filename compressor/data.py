@@ -1,0 +1,141 @@
+"""Calibration and validation data: .npz / .npy files or a folder of them, checked against the model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import DataError
+from edge_runtime.manifest import TensorSpec
+
+__all__ = ["LABELS_KEY", "Dataset", "check_samples", "load_dataset", "split"]
+
+LABELS_KEY = "labels"
+"""An .npz array under this name (when no model input has it) holds class ids, one per sample."""
+
+Feed = dict[str, np.ndarray]
+SAFE_CASTS = {("float64", "float32"), ("float16", "float32"), ("int32", "int64"), ("int64", "int32")}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples (one feed each) and optional labels, as read from the user's files."""
+
+    samples: list[Feed]
+    labels: np.ndarray | None
+    notes: tuple[str, ...] = ()
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+        if not files:
+            raise DataError(f"{path}: the folder holds no .npz or .npy files")
+        return files
+    if not path.is_file():
+        raise DataError(f"{path}: no such file or folder")
+    if path.suffix not in (".npz", ".npy"):
+        raise DataError(f"{path}: expected an .npz or .npy file (or a folder of them)")
+    return [path]
+
+
+def _read(path: Path, inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """Arrays of one file by name; an .npy belongs to the model's only input."""
+    try:
+        if path.suffix == ".npy":
+            if len(inputs) != 1:
+                names = ", ".join(spec.name for spec in inputs)
+                raise DataError(f"{path}: an .npy file fits single-input models; this one takes {names} (use .npz)")
+            return {inputs[0].name: np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read arrays: {exc}") from exc
+
+
+def _split_samples(name: str, array: np.ndarray, spec: TensorSpec, source: Path) -> list[np.ndarray]:
+    """One array per sample: rank == model rank means a stack of batch-1 samples (leading axis)."""
+    rank = len(spec.shape)
+    if rank == 0:
+        return [array] if array.ndim == 0 else list(array)
+    if array.ndim == rank:
+        return [array[i : i + 1] for i in range(array.shape[0])]
+    if array.ndim == rank + 1:
+        return list(array)
+    raise DataError(
+        f"{source}: '{name}' has shape {list(array.shape)}; the model input has rank {rank} "
+        f"({list(spec.shape)}), so give [samples, ...] with rank {rank} or {rank + 1}"
+    )
+
+
+def load_dataset(path: Path, inputs: Sequence[TensorSpec], labels_path: Path | None = None) -> Dataset:
+    """Read samples for a model with `inputs` from `path` (file or folder), plus optional labels."""
+    by_name = {spec.name: spec for spec in inputs}
+    samples: list[Feed] = []
+    labels: list[np.ndarray] = []
+    for file in _files(Path(path)):
+        arrays = _read(file, inputs)
+        if LABELS_KEY in arrays and LABELS_KEY not in by_name:
+            labels.append(np.asarray(arrays.pop(LABELS_KEY)).ravel())
+        unknown = sorted(set(arrays) - set(by_name))
+        if unknown:
+            raise DataError(f"{file}: '{unknown[0]}' is not an input of the model (inputs: {', '.join(by_name)})")
+        missing = sorted(set(by_name) - set(arrays))
+        if missing:
+            raise DataError(f"{file}: no data for model input '{missing[0]}'")
+        per_input = {name: _split_samples(name, arrays[name], by_name[name], file) for name in by_name}
+        counts = {len(values) for values in per_input.values()}
+        if len(counts) != 1:
+            raise DataError(f"{file}: inputs hold different numbers of samples ({sorted(counts)})")
+        samples.extend({name: per_input[name][i] for name in by_name} for i in range(counts.pop()))
+    if labels_path is not None:
+        labels = [np.asarray(_read(Path(labels_path), [TensorSpec(LABELS_KEY, "int64", ("N",))])[LABELS_KEY]).ravel()]
+    notes = check_samples(samples, inputs, str(path))
+    merged = np.concatenate(labels) if labels else None
+    if merged is not None and len(merged) != len(samples):
+        raise DataError(f"{len(merged)} labels for {len(samples)} samples: give one label per sample")
+    return Dataset(samples=samples, labels=merged, notes=tuple(notes))
+
+
+def check_samples(samples: list[Feed], inputs: Sequence[TensorSpec], source: str) -> list[str]:
+    """Check (and where safe, cast in place) every sample against the model inputs; returns notes."""
+    if not samples:
+        raise DataError(f"{source}: no samples")
+    notes: list[str] = []
+    for index, feed in enumerate(samples):
+        for spec in inputs:
+            value = feed[spec.name]
+            if value.dtype.name != spec.dtype:
+                if (value.dtype.name, spec.dtype) not in SAFE_CASTS:
+                    raise DataError(
+                        f"{source}: sample {index} input '{spec.name}' is {value.dtype.name}, the model takes {spec.dtype}"
+                    )
+                feed[spec.name] = value = value.astype(spec.dtype)
+                note = f"'{spec.name}' cast to {spec.dtype}"
+                if note not in notes:
+                    notes.append(note)
+            if len(spec.shape) != value.ndim or any(
+                isinstance(want, int) and want > 0 and want != got for want, got in zip(spec.shape, value.shape, strict=True)
+            ):
+                raise DataError(
+                    f"{source}: sample {index} input '{spec.name}' has shape {list(value.shape)}, "
+                    f"the model takes {list(spec.shape)}"
+                )
+    return notes
+
+
+def split(dataset: Dataset, held_out: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Split into calibration and held-out validation parts (labels follow their samples)."""
+    count = len(dataset.samples)
+    if count < 2:
+        raise DataError("need at least 2 samples: some calibrate, some are held out to measure fidelity")
+    order = np.random.default_rng(seed).permutation(count)
+    n_val = min(max(1, round(count * held_out)), count - 1)
+    val_idx, cal_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    labels = dataset.labels
+    calibration = Dataset([dataset.samples[i] for i in cal_idx], None if labels is None else labels[cal_idx])
+    validation = Dataset([dataset.samples[i] for i in val_idx], None if labels is None else labels[val_idx])
+    return calibration, validation

@@ -1,0 +1,37 @@
+"""Compression passes and their registry: a plain dict from pass name to a factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from compressor.passes.base import CompressionContext, Pass, PassResult
+
+__all__ = ["DEFAULT_RECIPE", "REGISTRY", "CompressionContext", "Pass", "PassResult", "create_pass"]
+
+
+def _prepare() -> Pass:
+    from compressor.passes.prepare import Prepare
+
+    return Prepare()
+
+
+def _int8(**options: Any) -> Pass:
+    from compressor.passes.quantize import Int8Options, Int8Quantization
+
+    return Int8Quantization(Int8Options(**options))
+
+
+REGISTRY: dict[str, Callable[..., Pass]] = {"prepare": _prepare, "int8": _int8}
+"""Pass name -> factory taking the pass's keyword options. Modules load only when a pass is made."""
+
+DEFAULT_RECIPE = ("prepare", "int8")
+
+
+def create_pass(name: str, **options: Any) -> Pass:
+    """Build a registered pass by name."""
+    from edge_runtime.errors import UsageError
+
+    if name not in REGISTRY:
+        raise UsageError(f"unknown compression pass '{name}' (known: {', '.join(REGISTRY)})")
+    return REGISTRY[name](**options)

@@ -1,0 +1,61 @@
+"""What every compression pass looks like, and the context a pass runs in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from edge_runtime.profiles import DeviceProfile
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["CompressionContext", "Pass", "PassResult", "Samples"]
+
+Samples = Sequence[Mapping[str, np.ndarray]]
+"""Model feeds: one dict of input name -> array per sample (batch dimension included)."""
+
+
+@dataclass(frozen=True)
+class CompressionContext:
+    """Everything a pass may read besides the model: device, data, scratch folder, progress."""
+
+    profile: DeviceProfile
+    calibration: Samples
+    """Samples the pass may fit to (calibration for int8, transfer set for distillation)."""
+    validation: Samples
+    """Held-out samples for measuring fidelity; never used to fit."""
+    workdir: Path
+    labels: np.ndarray | None = None
+    """Task labels for `validation` (class ids), when the user has them."""
+    seed: int = 0
+    log: Any = print
+    """Callable taking one line of progress text."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Per-pass options by pass name, from the CLI or the profile recipe."""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """A pass's output: a new model (the input is never mutated) and the numbers it measured."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any]
+
+
+class Pass(Protocol):
+    """One compression step (fold, prune, distill, quantize...)."""
+
+    name: str
+
+    def supports(self, model: onnx.ModelProto) -> bool:
+        """Whether this pass can do anything useful on `model`."""
+        ...
+
+    def run(self, model: onnx.ModelProto, ctx: CompressionContext) -> PassResult:
+        """Return a transformed copy of `model` and a report; never mutate `model`."""
+        ...

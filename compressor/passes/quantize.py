@@ -1,0 +1,381 @@
+"""Static int8 quantization, decided per node by measurement.
+
+ONNX Runtime's `quantize_static` does the rewriting; this pass decides *what* it rewrites:
+
+1. Every Conv/MatMul/Gemm weight is stored as int8 (see int8_weights.py). With all compute left
+   in float this "weight-only" candidate is ~4x smaller and exactly as fast as fp32: the fallback.
+2. Int8 *compute* pays only where a node does enough work to amortize its Quantize/Dequantize
+   pair. Candidates quantize the nodes above a multiply-accumulate threshold (all, top 50%, ...);
+   element-wise ops (Add/Mul of squeeze-excite and hard-swish blocks) are never quantized.
+3. Each candidate that is faster than the weight-only model gets the nodes that lose most accuracy
+   (ranked by how much signal-to-noise they cost, measured once) moved back to float until it
+   meets the profile's budgets.
+4. The fastest candidate within budget wins; if none is faster than fp32, weight-only wins.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from compressor.int8_weights import store_small_floats_fp16, store_weights_int8
+from compressor.measure import Fidelity, compare_latency, fidelity, make_session, run_all
+from compressor.onnx_model import shrink_names
+from compressor.passes.base import CompressionContext, PassResult, Samples
+from edge_runtime.errors import CompressionError
+from edge_runtime.profiles import Budgets, DeviceProfile, QuantDtype
+
+__all__ = ["Int8Options", "Int8Quantization", "meets_budgets"]
+
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+ABSORBED_OPS = ("Relu", "Clip")
+"""Activations the int8 kernels fold into the preceding node's requantization."""
+MAC_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
+"""Candidate int8 sets: the nodes holding this share of the heaviest MACs."""
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """Knobs of the int8 pass."""
+
+    calibrate_method: str = "MinMax"
+    """ONNX Runtime calibration method: MinMax, Entropy or Percentile."""
+    calibration_samples: int = 64
+    """At most this many calibration samples are used."""
+    speedup_required: float = 0.95
+    """Int8 compute is kept only if at most this share of the weight-only model's latency."""
+    allow_int8_compute: bool = True
+
+
+@dataclass
+class Candidate:
+    """One measured configuration."""
+
+    label: str
+    int8_nodes: tuple[str, ...]
+    model: onnx.ModelProto
+    size: int
+    fidelity: Fidelity
+    latency_ratio: float | None = None
+    """Median latency relative to the pass's input model, timed interleaved."""
+
+    def row(self) -> dict[str, Any]:
+        """The candidate as one line of the report."""
+        return {"label": self.label, "int8_compute_nodes": len(self.int8_nodes), "bytes": self.size,
+                "latency_ratio": self.latency_ratio, **self.fidelity.to_dict()}
+
+
+def meets_budgets(result: Fidelity, reference: Fidelity, budgets: Budgets) -> tuple[bool, str]:
+    """Whether a candidate's fidelity fits the profile's accuracy budgets, and if not, why."""
+    if result.accuracy is not None and reference.accuracy is not None:
+        drop = (reference.accuracy - result.accuracy) * 100
+        if drop > budgets.max_accuracy_drop_pp:
+            return False, f"accuracy drops {drop:.2f} pp (budget {budgets.max_accuracy_drop_pp} pp)"
+    elif result.top1_agreement is not None:
+        drop = (1 - result.top1_agreement) * 100
+        if drop > budgets.max_accuracy_drop_pp:
+            return False, f"top-1 agreement {result.top1_agreement:.2%} (budget: at most {budgets.max_accuracy_drop_pp} pp off)"
+    if result.cosine < budgets.min_output_cosine:
+        return False, f"output cosine {result.cosine:.4f} below {budgets.min_output_cosine}"
+    return True, ""
+
+
+class _Reader(CalibrationDataReader):
+    """ORT calibration reader over a list of feeds."""
+
+    def __init__(self, samples: Samples) -> None:
+        self._iterator: Iterator[Any] = iter(samples)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return dict(next(self._iterator, None) or {}) or None
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Conv/MatMul/Gemm nodes whose weight is an initializer."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [node for node in model.graph.node
+            if node.op_type in COMPUTE_OPS and len(node.input) > 1 and node.input[1] in initializers]
+
+
+def node_macs(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], feed: dict[str, np.ndarray], profile: DeviceProfile
+) -> dict[str, float]:
+    """Multiply-accumulates of each node on one real sample (output size x reduction length)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {out.name for out in probe.graph.output}
+    for node in nodes:
+        if node.output[0] not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.output[0]))
+    session = make_session(probe.SerializeToString(), profile)
+    names = [out.name for out in session.get_outputs()]
+    values = dict(zip(names, session.run(None, feed), strict=True))
+    weights = {init.name: init for init in model.graph.initializer}
+    macs = {}
+    for node in nodes:
+        dims = list(weights[node.input[1]].dims)
+        if node.op_type == "Conv":
+            reduction = int(np.prod(dims[1:]))  # Cin/group * kH * kW
+        elif node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            reduction = dims[1]
+        else:
+            reduction = dims[-2] if len(dims) >= 2 else dims[0]
+        macs[node.name] = float(values[node.output[0]].size) * reduction
+    return macs
+
+
+class Int8Quantization:
+    """The int8 pass: weight storage always, int8 compute where measured to pay."""
+
+    name = "int8"
+
+    def __init__(self, options: Int8Options | None = None) -> None:
+        self.options = options or Int8Options()
+
+    def supports(self, model: onnx.ModelProto) -> bool:
+        """Any Conv/MatMul/Gemm with a constant weight."""
+        return bool(quantizable_nodes(model))
+
+    def run(self, model: onnx.ModelProto, ctx: CompressionContext) -> PassResult:
+        """Search per-node int8 configurations and return the best one within budget."""
+        search = _Search(model, ctx, self.options)
+        chosen, rows, decision = search.run()
+        report = {
+            "pass": self.name,
+            "scheme": ctx.profile.quantization.name,
+            "reduce_range": ctx.profile.quantization.reduce_range,
+            "per_channel": ctx.profile.quantization.per_channel,
+            "calibrate_method": self.options.calibrate_method,
+            "quantizable_nodes": len(search.nodes),
+            "int8_compute_nodes": list(chosen.int8_nodes),
+            "float_compute_nodes": [n.name for n in search.nodes if n.name not in set(chosen.int8_nodes)],
+            "weights_int8": True,
+            "chosen": chosen.label,
+            "decision": decision,
+            "candidates": rows,
+            "bytes_before": search.input_size,
+            "bytes_after": chosen.size,
+            "latency_ratio": chosen.latency_ratio,
+            "fidelity": chosen.fidelity.to_dict(),
+        }
+        return PassResult(model=chosen.model, report=report)
+
+
+class _Search:
+    """State of one int8 search: reference outputs, calibration cache, measured candidates."""
+
+    def __init__(self, model: onnx.ModelProto, ctx: CompressionContext, options: Int8Options) -> None:
+        self.model, self.ctx, self.options = model, ctx, options
+        self.workdir = Path(tempfile.mkdtemp(prefix="int8-", dir=ctx.workdir))
+        self.model_path = self.workdir / "float.onnx"
+        onnx.save_model(model, str(self.model_path))
+        self.input_size = self.model_path.stat().st_size
+        self.nodes = quantizable_nodes(model)
+        self.reference_session = make_session(model.SerializeToString(), ctx.profile)
+        self.reference = run_all(self.reference_session, ctx.validation)
+        self.reference_fidelity = fidelity(self.reference, self.reference, ctx.labels)
+        self.cache_path = self.workdir / "calibration.json"
+        self.timing_feed = dict(ctx.validation[0])
+
+    def run(self) -> tuple[Candidate, list[dict[str, Any]], str]:
+        """Measure the candidates and choose one."""
+        log = self.ctx.log
+        weight_only = self.evaluate("weight-only int8", ())
+        self.time([weight_only])
+        rows = [weight_only.row()]
+        ok, why = meets_budgets(weight_only.fidelity, self.reference_fidelity, self.ctx.profile.budgets)
+        log(f"  weight-only int8: {weight_only.size} bytes, latency x{weight_only.latency_ratio:.2f}, "
+            f"cosine {weight_only.fidelity.cosine:.4f}")
+        if not ok:
+            raise CompressionError(f"even int8 weight storage with float compute misses the budget: {why}")
+        best, decision = weight_only, "int8 compute was not faster than float compute; weights stored int8"
+        if not (self.options.allow_int8_compute and self.nodes):
+            return best, rows, "int8 compute disabled" if self.nodes else decision
+        fast = self.fast_candidates(weight_only, rows)
+        for candidate in fast:
+            fitted = self.fit_to_budget(candidate, rows)
+            if fitted is None:
+                continue
+            self.time([fitted, weight_only])
+            rows.append(fitted.row())
+            log(f"  {fitted.label}: latency x{fitted.latency_ratio:.2f} vs weight-only x{weight_only.latency_ratio:.2f}")
+            if fitted.latency_ratio <= self.options.speedup_required * weight_only.latency_ratio and (
+                best is weight_only or fitted.latency_ratio < best.latency_ratio
+            ):
+                best = fitted
+                decision = (f"int8 compute on {len(fitted.int8_nodes)} of {len(self.nodes)} nodes "
+                            f"(measured faster, within budget); the rest compute in float with int8 weights")
+                break
+        return best, rows, decision
+
+    def fast_candidates(self, weight_only: Candidate, rows: list[dict[str, Any]]) -> list[Candidate]:
+        """Int8 sets by MAC share, timed; those not faster than weight-only are dropped."""
+        macs = node_macs(self.model, self.nodes, self.timing_feed, self.ctx.profile)
+        ordered = sorted(self.nodes, key=lambda node: -macs[node.name])
+        total = sum(macs.values()) or 1.0
+        seen: set[tuple[str, ...]] = set()
+        fast = []
+        for share in MAC_FRACTIONS:
+            chosen, running = [], 0.0
+            for node in ordered:
+                if running >= share * total - 1e-9:
+                    break
+                chosen.append(node.name)
+                running += macs[node.name]
+            key = tuple(sorted(chosen))
+            if not key or key in seen:
+                continue
+            seen.add(key)
+            candidate = self.evaluate(f"int8 compute, top {share:.0%} MACs", key)
+            self.time([candidate, weight_only])
+            rows.append(candidate.row())
+            self.ctx.log(f"  {candidate.label}: {len(key)} nodes, latency x{candidate.latency_ratio:.2f}, "
+                         f"cosine {candidate.fidelity.cosine:.4f}")
+            if candidate.latency_ratio <= self.options.speedup_required * weight_only.latency_ratio:
+                fast.append(candidate)
+        return sorted(fast, key=lambda c: c.latency_ratio)
+
+    def fit_to_budget(self, candidate: Candidate, rows: list[dict[str, Any]]) -> Candidate | None:
+        """Move the most damaging nodes back to float until the candidate meets the budgets."""
+        budgets = self.ctx.profile.budgets
+        if meets_budgets(candidate.fidelity, self.reference_fidelity, budgets)[0]:
+            return candidate
+        ranking = self.damage_ranking(candidate)
+        count = 1
+        while count < len(ranking):
+            kept = tuple(name for name in candidate.int8_nodes if name not in set(ranking[:count]))
+            trial = self.evaluate(f"{candidate.label}, {count} sensitive nodes float", kept)
+            rows.append(trial.row())
+            if meets_budgets(trial.fidelity, self.reference_fidelity, budgets)[0]:
+                return trial
+            count *= 2
+        return None
+
+    def damage_ranking(self, candidate: Candidate) -> list[str]:
+        """Int8 nodes ordered by the signal-to-noise (dB) they cost, measured on a few samples."""
+        by_name = {node.name: node for node in self.nodes}
+        tensors = sorted({t for name in candidate.int8_nodes for t in (by_name[name].input[0], by_name[name].output[0])})
+        samples = list(self.ctx.validation[:4])
+        float_values = _tensor_values(self.model, tensors, samples, self.ctx.profile)
+        quant_values = _tensor_values(candidate.model_unshrunk, tensors, samples, self.ctx.profile)
+        damage = {}
+        for name in candidate.int8_nodes:
+            node = by_name[name]
+            sqnr_in = _sqnr(float_values.get(node.input[0]), quant_values.get(node.input[0]))
+            sqnr_out = _sqnr(float_values.get(node.output[0]), quant_values.get(node.output[0]))
+            damage[name] = sqnr_in - sqnr_out if math.isfinite(sqnr_in) else 100.0 - sqnr_out
+        return sorted(candidate.int8_nodes, key=lambda name: -damage[name])
+
+    def evaluate(self, label: str, int8_nodes: tuple[str, ...]) -> Candidate:
+        """Build a candidate and measure its size and fidelity (not its latency)."""
+        unshrunk = self.build(int8_nodes)
+        model = shrink_names(unshrunk)
+        model_bytes = model.SerializeToString()
+        session = make_session(model_bytes, self.ctx.profile)
+        result = fidelity(self.reference, run_all(session, self.ctx.validation), self.ctx.labels)
+        candidate = Candidate(label, int8_nodes, model, len(model_bytes), result)
+        candidate.model_unshrunk = unshrunk  # type: ignore[attr-defined]
+        candidate.session = session  # type: ignore[attr-defined]
+        return candidate
+
+    def build(self, int8_nodes: tuple[str, ...]) -> onnx.ModelProto:
+        """The model with int8 compute on `int8_nodes` and int8 storage for every other weight."""
+        model = self.model
+        if int8_nodes:
+            model = self.quantize(int8_nodes)
+        model, _ = store_weights_int8(model)
+        model, _ = store_small_floats_fp16(model)
+        return model
+
+    def quantize(self, int8_nodes: tuple[str, ...]) -> onnx.ModelProto:
+        """ORT static QDQ quantization restricted to `int8_nodes` (+ the activations they absorb)."""
+        scheme = self.ctx.profile.quantization
+        types = {QuantDtype.INT8: QuantType.QInt8, QuantDtype.UINT8: QuantType.QUInt8}
+        output = self.workdir / "candidate.onnx"
+        calibration = list(self.ctx.calibration[: self.options.calibration_samples])
+        if not self.cache_path.exists():  # calibrate every candidate tensor once, reuse for all subsets
+            quantize_static(
+                str(self.model_path), str(output), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=[*COMPUTE_OPS, *ABSORBED_OPS], nodes_to_quantize=self.all_nodes_with_absorbed(),
+                per_channel=scheme.per_channel, reduce_range=scheme.reduce_range,
+                activation_type=types[scheme.activation_type], weight_type=types[scheme.weight_type],
+                calibrate_method=CalibrationMethod[self.options.calibrate_method],
+                calibration_cache_path=str(self.cache_path), extra_options=self.extra_options(),
+            )
+        quantize_static(
+            str(self.model_path), str(output), None, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=[*COMPUTE_OPS, *ABSORBED_OPS], nodes_to_quantize=self.with_absorbed(int8_nodes),
+            per_channel=scheme.per_channel, reduce_range=scheme.reduce_range,
+            activation_type=types[scheme.activation_type], weight_type=types[scheme.weight_type],
+            calibrate_method=CalibrationMethod[self.options.calibrate_method],
+            calibration_cache_path=str(self.cache_path), extra_options=self.extra_options(),
+        )
+        return onnx.load_model(str(output))
+
+    def extra_options(self) -> dict[str, Any]:
+        """ORT options implied by the profile's scheme."""
+        symmetric = self.ctx.profile.quantization.activation_type is QuantDtype.INT8
+        return {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
+
+    def all_nodes_with_absorbed(self) -> list[str]:
+        """Every candidate node plus the activations it can absorb."""
+        return self.with_absorbed(tuple(node.name for node in self.nodes))
+
+    def with_absorbed(self, names: tuple[str, ...]) -> list[str]:
+        """`names` plus the Relu/Clip nodes directly consuming their outputs."""
+        chosen = set(names)
+        outputs = {node.output[0] for node in self.model.graph.node if node.name in chosen}
+        absorbed = [node.name for node in self.model.graph.node
+                    if node.op_type in ABSORBED_OPS and node.input and node.input[0] in outputs]
+        return sorted(chosen) + absorbed
+
+    def time(self, candidates: list[Candidate]) -> None:
+        """Set each candidate's latency ratio against the input model, timed interleaved."""
+        sessions = {"reference": self.reference_session}
+        sessions.update({str(i): c.session for i, c in enumerate(candidates)})  # type: ignore[attr-defined]
+        medians = compare_latency(sessions, self.timing_feed)
+        for index, candidate in enumerate(candidates):
+            candidate.latency_ratio = medians[str(index)] / medians["reference"]
+
+
+def _tensor_values(model: onnx.ModelProto, tensors: list[str], samples: Samples, profile: DeviceProfile) -> dict[str, list[np.ndarray]]:
+    """Values of intermediate tensors (those the model has) over a few samples."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    produced = {out for node in probe.graph.node for out in node.output} | {i.name for i in probe.graph.input}
+    existing = {out.name for out in probe.graph.output}
+    wanted = [name for name in tensors if name in produced]
+    for name in wanted:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = make_session(probe.SerializeToString(), profile)
+    names = [out.name for out in session.get_outputs()]
+    values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    for feed in samples:
+        for name, value in zip(names, session.run(None, dict(feed)), strict=True):
+            if name in values:
+                values[name].append(value)
+    return values
+
+
+def _sqnr(reference: list[np.ndarray] | None, noisy: list[np.ndarray] | None) -> float:
+    """Signal-to-quantization-noise ratio in dB; +inf when identical or not measurable."""
+    if not reference or not noisy:
+        return math.inf
+    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    noise = sum(float(np.sum((r.astype(np.float64) - n) ** 2)) for r, n in zip(reference, noisy, strict=True))
+    return math.inf if noise == 0 or signal == 0 else 10 * math.log10(signal / noise)

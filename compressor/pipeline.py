@@ -1,0 +1,161 @@
+"""The compression pipeline: original model + data + device profile -> compressed model + report."""
+
+from __future__ import annotations
+
+import platform
+import zlib
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from compressor.measure import compare_latency, fidelity, make_session, run_all
+from compressor.onnx_model import load_model, op_counts, tensor_specs
+from compressor.passes import DEFAULT_RECIPE, create_pass
+from compressor.passes.base import CompressionContext
+from compressor.passes.quantize import meets_budgets
+from edge_runtime.bundle import GoldenCase
+from edge_runtime.errors import BudgetError, DataError
+from edge_runtime.manifest import GoldenSpec, TensorSpec
+from edge_runtime.profiles import DeviceProfile
+
+__all__ = ["CompressionResult", "compress", "host_cpu"]
+
+GOLDEN_CASES = 4
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    """The compressed model, how to load it, what it was measured to do, and its self-test data."""
+
+    model: onnx.ModelProto
+    model_bytes: bytes
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    report: dict[str, Any]
+    golden: list[GoldenCase]
+    golden_spec: GoldenSpec
+    session_config: dict[str, str] = field(default_factory=dict)
+
+
+def host_cpu() -> dict[str, Any]:
+    """This machine's CPU name and the instruction-set extensions that matter for int8 kernels."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp")
+    return {"cpu": name, "arch": platform.machine(), "features": [f for f in wanted if f in flags]}
+
+
+def compress(
+    model_path: Path,
+    profile: DeviceProfile,
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    *,
+    validation: Sequence[Mapping[str, np.ndarray]] | None = None,
+    labels: np.ndarray | None = None,
+    workdir: Path | None = None,
+    recipe: Sequence[str] = DEFAULT_RECIPE,
+    pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    log: Callable[[str], Any] = print,
+    seed: int = 0,
+) -> CompressionResult:
+    """Compress `model_path` for `profile`, measure it against the original, enforce the budgets."""
+    original = load_model(Path(model_path))
+    if validation is None:
+        raise DataError("validation samples are required (held-out data to measure fidelity)")
+    if labels is not None and len(labels) != len(validation):
+        raise DataError(f"{len(labels)} labels for {len(validation)} validation samples")
+    with tempfile.TemporaryDirectory(prefix="edge-compress-", dir=workdir) as scratch:
+        ctx = CompressionContext(
+            profile=profile, calibration=list(calibration), validation=list(validation), workdir=Path(scratch),
+            labels=labels, seed=seed, log=log, options=dict(pass_options or {}),
+        )
+        model, reports = original, []
+        for name in recipe:
+            step = create_pass(name, **dict(ctx.options.get(name, {})))
+            if not step.supports(model):
+                log(f"{name}: nothing to do for this model")
+                continue
+            log(f"{name}: running")
+            result = step.run(model, ctx)
+            model, reports = result.model, [*reports, result.report]
+        return _finish(original, model, reports, ctx, Path(model_path))
+
+
+def _finish(
+    original: onnx.ModelProto, model: onnx.ModelProto, reports: list[dict[str, Any]], ctx: CompressionContext,
+    source: Path,
+) -> CompressionResult:
+    """Measure the final model against the original, check the budgets, build golden data."""
+    profile = ctx.profile
+    original_bytes, model_bytes = original.SerializeToString(), model.SerializeToString()
+    reference_session = make_session(original_bytes, profile)
+    session = make_session(model_bytes, profile)
+    reference = run_all(reference_session, ctx.validation)
+    produced = run_all(session, ctx.validation)
+    latency = compare_latency({"fp32": reference_session, "compressed": session}, dict(ctx.validation[0]), rounds=60)
+    result_fidelity = fidelity(reference, produced, ctx.labels)
+    reference_fidelity = fidelity(reference, reference, ctx.labels)
+    initializers = {init.name for init in original.graph.initializer}
+    report = {
+        "model": source.name,
+        "profile": profile.to_dict(),
+        "host": host_cpu(),
+        "validation_samples": len(ctx.validation),
+        "calibration_samples": len(ctx.calibration),
+        "original": {"bytes": len(original_bytes), "latency_ms": latency["fp32"], "ops": op_counts(original),
+                     "accuracy": reference_fidelity.accuracy},
+        "compressed": {
+            "bytes": len(model_bytes),
+            "size_ratio": len(original_bytes) / len(model_bytes),
+            "deflated_bytes": len(zlib.compress(model_bytes, 9)),
+            "latency_ms": latency["compressed"],
+            "latency_ratio": latency["compressed"] / latency["fp32"],
+            "fidelity": result_fidelity.to_dict(),
+            "ops": op_counts(model),
+        },
+        "passes": reports,
+    }
+    _check_budgets(report, result_fidelity, reference_fidelity, profile)
+    golden = [GoldenCase(dict(feed), dict(zip([o.name for o in session.get_outputs()], outs, strict=True)))
+              for feed, outs in zip(ctx.validation[:GOLDEN_CASES], produced[:GOLDEN_CASES], strict=False)]
+    scale = max((float(np.max(np.abs(v))) for case in golden for v in case.outputs.values() if v.size), default=1.0)
+    golden_spec = GoldenSpec(file="golden.npz", cases=len(golden), rtol=0.05, atol=max(1e-4, 0.05 * scale),
+                             min_top1_agreement=0.75)
+    return CompressionResult(
+        model=model, model_bytes=model_bytes,
+        inputs=tensor_specs(list(original.graph.input), initializers),
+        outputs=tensor_specs(list(original.graph.output)),
+        report=report, golden=golden, golden_spec=golden_spec,
+    )
+
+
+def _check_budgets(report: dict[str, Any], result: Any, reference: Any, profile: DeviceProfile) -> None:
+    """Refuse, with numbers, a model that misses the profile's budgets or is slower than the original."""
+    budgets, compressed = profile.budgets, report["compressed"]
+    ok, why = meets_budgets(result, reference, budgets)
+    failures = [] if ok else [why]
+    if compressed["bytes"] > budgets.max_model_bytes:
+        over = compressed["bytes"] - budgets.max_model_bytes
+        failures.append(f"model is {compressed['bytes']} bytes, {over} over the {budgets.max_model_bytes}-byte budget")
+    if compressed["latency_ms"] > budgets.latency_target_ms:
+        failures.append(
+            f"median latency {compressed['latency_ms']:.2f} ms on this host exceeds the "
+            f"{budgets.latency_target_ms} ms target"
+        )
+    if compressed["latency_ratio"] > 1.10:
+        failures.append(f"compressed model is {compressed['latency_ratio']:.2f}x the original's latency (slower)")
+    report["budgets"] = {"met": not failures, "failures": failures}
+    if failures:
+        raise BudgetError(f"profile '{profile.name}' budgets not met: " + "; ".join(failures))

@@ -1,0 +1,56 @@
+"""The compression report (stored in every manifest) as text tables for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["format_report"]
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "-"
+    if kind == "pct":
+        return f"{value * 100:.2f}%"
+    if kind == "ratio":
+        return f"{value:.2f}x"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+    line = lambda cells: "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Summary table (original vs compressed) plus the int8 candidates that were measured."""
+    original, compressed = report["original"], report["compressed"]
+    fid = compressed["fidelity"]
+    rows = [
+        ["original (fp32)", str(original["bytes"]), "1.00x", f"{original['latency_ms']:.3f}", "1.00x",
+         _fmt(original.get("accuracy"), "pct"), "-", "-"],
+        ["compressed", str(compressed["bytes"]), _fmt(compressed["size_ratio"], "ratio"),
+         f"{compressed['latency_ms']:.3f}", _fmt(compressed["latency_ratio"], "ratio"),
+         _fmt(fid["accuracy"], "pct"), _fmt(fid["top1_agreement"], "pct"), f"{fid['cosine']:.4f}"],
+    ]
+    header = ["model", "bytes", "smaller", "latency ms", "vs fp32", "accuracy", "top-1 agree", "cosine"]
+    parts = [f"{report['model']} for profile {report['profile']['name']} "
+             f"(measured on {report['host']['cpu']}, {report['validation_samples']} held-out samples)",
+             _table(header, rows)]
+    for step in report["passes"]:
+        if step.get("candidates"):
+            cand_rows = [[c["label"], str(c["int8_compute_nodes"]), str(c["bytes"]), _fmt(c["latency_ratio"], "ratio"),
+                          _fmt(c["accuracy"], "pct"), _fmt(c["top1_agreement"], "pct"), f"{c['cosine']:.4f}"]
+                         for c in step["candidates"]]
+            parts.append("int8 candidates (latency relative to the float model):")
+            parts.append(_table(["candidate", "int8 nodes", "bytes", "latency", "accuracy", "top-1 agree", "cosine"],
+                                cand_rows))
+            parts.append(f"chosen: {step['chosen']} - {step['decision']}")
+        for note in step.get("notes", []):
+            parts.append(f"note: {note}")
+    budgets = report.get("budgets", {})
+    parts.append("budgets: met" if budgets.get("met") else "budgets: NOT met: " + "; ".join(budgets.get("failures", [])))
+    return "\n".join(parts)

@@ -1,0 +1,130 @@
+"""Shared fixtures: signing keys, the device profile, and a factory for small signed MLP bundles."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_runtime import signing
+from edge_runtime.bundle import GoldenCase, pack_golden, write_bundle
+from edge_runtime.manifest import GoldenSpec, Manifest, TensorSpec
+from edge_runtime.profiles import DeviceProfile, load_profile
+from tests.mlp_models import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    build_onnx_mlp,
+    build_tflite_mlp,
+    make_weights,
+    reference_forward,
+)
+
+TFLITE_HINT = "pip install ai-edge-litert==2.3.0"
+
+
+def require_tflite() -> None:
+    """Skip (or, with EDGE_REQUIRE_TFLITE=1, fail) when the LiteRT interpreter is not installed."""
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        message = f"the TFLite tests need ai-edge-litert ({TFLITE_HINT})"
+        if os.environ.get("EDGE_REQUIRE_TFLITE") == "1":
+            pytest.fail(message + "; EDGE_REQUIRE_TFLITE=1 makes this a failure")
+        pytest.skip(message)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """A signing key pair, as files and as loaded keys."""
+
+    private_path: Path
+    public_path: Path
+    private_key: signing.PrivateKey
+    public_key: signing.PublicKey
+
+
+def make_keys(directory: Path, name: str = "signing") -> Keys:
+    """Generate a key pair into `directory`."""
+    private_path, public_path = signing.generate_keypair(directory, name)
+    return Keys(private_path, public_path, signing.load_private_key(private_path), signing.load_public_key(public_path))
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """The key pair the test bundles are signed with (and the device trusts)."""
+    return make_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def device_profile() -> DeviceProfile:
+    """The built-in x86-vnni-gateway profile."""
+    return load_profile("x86-vnni-gateway")
+
+
+def golden_inputs(n_in: int, seed: int, cases: int = 3) -> list[np.ndarray]:
+    """Seeded golden inputs: batch 1 cases and one batch-3 case."""
+    rng = np.random.default_rng(seed + 1000)
+    return [rng.normal(size=(1 if i < cases - 1 else 3, n_in)).astype(np.float32) for i in range(cases)]
+
+
+BundleFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def mlp_bundle_factory(tmp_path: Path, signing_keys: Keys, device_profile: DeviceProfile) -> BundleFactory:
+    """Build a small signed MLP bundle (64 -> 32 -> 10 by default) and return its path."""
+    counter = iter(range(10_000))
+
+    def factory(
+        name: str = "mlp",
+        version: str = "1",
+        *,
+        seed: int = 0,
+        sizes: tuple[int, int, int] = (64, 32, 10),
+        engine: str = "onnxruntime",
+        int8: bool = False,
+        profile: DeviceProfile | None = None,
+        keys: Keys | None = None,
+        golden: bool = True,
+        golden_outputs: Callable[[np.ndarray], np.ndarray] | None = None,
+        report: dict[str, Any] | None = None,
+        session_config: dict[str, str] | None = None,
+        directory: Path | None = None,
+    ) -> Path:
+        profile = profile or device_profile
+        weights = make_weights(*sizes, seed=seed)
+        model_file = "model.tflite" if engine == "tflite" else "model.onnx"
+        model = build_tflite_mlp(weights, int8=int8) if engine == "tflite" else build_onnx_mlp(weights)
+        members = {model_file: model}
+        spec = None
+        if golden:
+            expected = golden_outputs or (lambda x: reference_forward(weights, x))
+            cases = [GoldenCase({INPUT_NAME: x}, {OUTPUT_NAME: expected(x)}) for x in golden_inputs(sizes[0], seed)]
+            members["golden.npz"] = pack_golden(cases)
+            tolerance = 0.02 if int8 else 1e-4
+            spec = GoldenSpec(file="golden.npz", cases=len(cases), rtol=tolerance, atol=tolerance)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            profile=profile.name,
+            engine=engine,
+            model_file=model_file,
+            inputs=(TensorSpec(INPUT_NAME, "float32", ("N", sizes[0])),),
+            outputs=(TensorSpec(OUTPUT_NAME, "float32", ("N", sizes[2])),),
+            files={},
+            golden=spec,
+            session_config=dict(session_config or {}),
+            report={"profile": profile.to_dict()} if report is None else report,
+        )
+        folder = directory or tmp_path / "bundles"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}-{version}-{next(counter)}.edgebundle"
+        write_bundle(path, manifest, members, (keys or signing_keys).private_key)
+        return path
+
+    return factory
