@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 from pathlib import Path
@@ -116,12 +117,33 @@ def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
+DEFAULT_ATTRIBUTES = {
+    "Conv": {"group": 1, "dilations": 1, "strides": 1, "pads": 0, "auto_pad": b"NOTSET"},
+    "Gemm": {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0},
+}
+"""Attribute values equal to the operator's default, which can be left out of the file."""
+
+
+def _is_default(op_type: str, attribute: onnx.AttributeProto) -> bool:
+    default = DEFAULT_ATTRIBUTES.get(op_type, {}).get(attribute.name)
+    if default is None:
+        return op_type == "Conv" and attribute.name == "kernel_shape"  # optional: read from the weight
+    value = onnx.helper.get_attribute_value(attribute)
+    if isinstance(value, list):
+        return all(item == default for item in value)
+    return value == default
+
+
 def shrink_names(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with short tensor and node names and no doc strings; graph inputs/outputs keep theirs.
+    """A copy with short tensor names, no node names, doc strings, value_info or default attributes;
+    graph inputs/outputs keep their names.
 
     On small models the graph outweighs the weights: exporters write long, path-like names for
     every tensor, and quantization adds `_quantized`, `_scale`, `_zero_point` suffixes to each.
     """
+    if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in model.graph.node for attribute in node.attribute):
+        return copy.deepcopy(model)  # subgraphs capture outer names: renaming is not worth the risk
     result = copy.deepcopy(model)
     graph = result.graph
     keep = {value.name for value in graph.input} | {value.name for value in graph.output}
@@ -136,20 +158,18 @@ def shrink_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
     for initializer in graph.initializer:
         initializer.name = short(initializer.name)
-        initializer.doc_string = ""
-    for index, node in enumerate(graph.node):
-        node.name = f"n{index:x}"
-        node.doc_string = ""
-        for position, name in enumerate(node.input):
-            node.input[position] = short(name)
-        for position, name in enumerate(node.output):
-            node.output[position] = short(name)
-        if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attribute in node.attribute):
-            return copy.deepcopy(model)  # subgraphs capture outer names: renaming is not worth the risk
-    for value in graph.value_info:
-        value.name = short(value.name)
-    graph.doc_string = ""
-    result.doc_string = ""
+        initializer.ClearField("doc_string")
+    for node in graph.node:
+        node.ClearField("name")
+        node.ClearField("doc_string")
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
+        kept = [attribute for attribute in node.attribute if not _is_default(node.op_type, attribute)]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    graph.ClearField("value_info")
+    graph.ClearField("doc_string")
+    result.ClearField("doc_string")
     return result
 
 
@@ -193,7 +213,8 @@ def preprocess(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelProto, 
     source, target = Path(workdir) / "prep_in.onnx", Path(workdir) / "prep_out.onnx"
     onnx.save_model(model, str(source))
     try:
-        quant_pre_process(str(source), str(target))
+        with contextlib.chdir(workdir):  # ORT drops a sym_shape_infer_temp.onnx into the cwd on failure
+            quant_pre_process(str(source), str(target))
     except Exception:  # symbolic shape inference trips over many real exporters' graphs
         try:
             quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
