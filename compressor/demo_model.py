@@ -15,6 +15,7 @@ __all__ = [
     "CALIBRATION_SAMPLES",
     "INPUT_NAME",
     "OUTPUT_NAME",
+    "TUNING_SAMPLES",
     "VALIDATION_SAMPLES",
     "DigitsTask",
     "export_mlp",
@@ -27,6 +28,8 @@ VALIDATION_SAMPLES = 360
 """Held-out test split (20% of the 1797 digits)."""
 CALIBRATION_SAMPLES = 200
 """Calibration feeds drawn from the training split."""
+TUNING_SAMPLES = 200
+"""Labeled training-split feeds, disjoint from calibration, for a compressor's own measurements."""
 _HIDDEN = 128
 _OPSET = 17
 
@@ -43,6 +46,10 @@ class DigitsTask:
     """Feeds of batch 1 from the held-out test split."""
     labels: np.ndarray
     """Class ids (int64) of the validation feeds, same order."""
+    tuning: list[dict[str, np.ndarray]]
+    """Labeled training-split feeds disjoint from calibration: lets a benchmark keep `validation` unseen."""
+    tuning_labels: np.ndarray
+    """Class ids of the tuning feeds."""
     sklearn_accuracy: float
     """Accuracy of the scikit-learn model on the validation split (the ONNX model must match it)."""
 
@@ -64,12 +71,16 @@ def train_digits_model(seed: int = 0) -> DigitsTask:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         mlp.fit(x_train, y_train)
-    picks = np.random.default_rng(seed).choice(len(x_train), CALIBRATION_SAMPLES, replace=False)
+    picks = np.random.default_rng(seed).permutation(len(x_train))
+    calibration = np.sort(picks[:CALIBRATION_SAMPLES])
+    tuning = np.sort(picks[CALIBRATION_SAMPLES : CALIBRATION_SAMPLES + TUNING_SAMPLES])
     return DigitsTask(
         model=export_mlp(mlp),
-        calibration=[{INPUT_NAME: x_train[i : i + 1]} for i in sorted(picks)],
+        calibration=[{INPUT_NAME: x_train[i : i + 1]} for i in calibration],
         validation=[{INPUT_NAME: x_test[i : i + 1]} for i in range(len(x_test))],
         labels=y_test,
+        tuning=[{INPUT_NAME: x_train[i : i + 1]} for i in tuning],
+        tuning_labels=y_train[tuning],
         sklearn_accuracy=float(mlp.score(x_test, y_test)),
     )
 

@@ -30,6 +30,8 @@ class WeightStorageReport:
     """What the transform did."""
 
     tensors: int
+    names: tuple[str, ...]
+    """Initializers now stored as int8."""
     float_bytes: int
     int8_bytes: int
     worst_sqnr_db: float
@@ -78,18 +80,21 @@ def _is_weight_input(node: onnx.NodeProto, name: str) -> bool:
     return position is not None and inputs.count(name) == 1 and inputs.index(name) == position
 
 
-def store_weights_int8(model: onnx.ModelProto, skip: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, WeightStorageReport]:
+def store_weights_int8(
+    model: onnx.ModelProto, skip: frozenset[str] = frozenset(), only: frozenset[str] | None = None
+) -> tuple[onnx.ModelProto, WeightStorageReport]:
     """A copy of `model` whose float conv/matmul weights are stored as int8 + per-channel scale."""
     result = copy.deepcopy(model)
     graph = result.graph
     initializers = {init.name: init for init in graph.initializer}
     consumers = _weight_consumers(graph, set(initializers))
     new_nodes: list[onnx.NodeProto] = []
-    converted = float_bytes = int8_bytes = 0
+    converted: list[str] = []
+    float_bytes = int8_bytes = 0
     worst = float("inf")
     for name, init in initializers.items():
         users = consumers.get(name, [])
-        if name in skip or init.data_type != TensorProto.FLOAT or not users:
+        if name in skip or (only is not None and name not in only) or init.data_type != TensorProto.FLOAT or not users:
             continue
         if not all(_is_weight_input(user, name) for user in users):
             continue
@@ -107,7 +112,7 @@ def store_weights_int8(model: onnx.ModelProto, skip: frozenset[str] = frozenset(
         ])
         new_nodes.append(helper.make_node("Cast", [f"{name}_i8"], [f"{name}_f"], to=TensorProto.FLOAT))
         new_nodes.append(helper.make_node("Mul", [f"{name}_f", f"{name}_s"], [name]))
-        converted += 1
+        converted.append(name)
         float_bytes += weight.nbytes
         int8_bytes += quantized.nbytes + scale.nbytes
         worst = min(worst, sqnr)
@@ -115,7 +120,8 @@ def store_weights_int8(model: onnx.ModelProto, skip: frozenset[str] = frozenset(
         existing = list(graph.node)
         del graph.node[:]
         graph.node.extend(new_nodes + existing)
-    return result, WeightStorageReport(converted, float_bytes, int8_bytes, worst if converted else float("inf"))
+    report = WeightStorageReport(len(converted), tuple(converted), float_bytes, int8_bytes, worst)
+    return result, report
 
 
 def store_small_floats_fp16(model: onnx.ModelProto, min_elements: int = 16) -> tuple[onnx.ModelProto, int]:

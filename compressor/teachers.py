@@ -7,12 +7,13 @@ runs offline. Training needs PyTorch (the `distill` extra); it is imported only 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from compressor.torch_bridge import export_onnx, require_torch
+from compressor.torch_bridge import export_onnx, require_torch, torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +25,7 @@ __all__ = [
     "as_samples",
     "build_digits_cnn",
     "digits_data",
+    "digits_teacher",
     "train_digits_cnn",
 ]
 
@@ -83,6 +85,12 @@ def train_digits_cnn(
     """Train the digits CNN with cross-entropy (seeded, CPU) and export it to ONNX."""
     torch = require_torch("training the digits CNN")
     data = data or digits_data(seed)
+    with torch_threads(1):
+        return _train(torch, data, seed, epochs, log)
+
+
+def _train(torch: Any, data: DigitsData, seed: int, epochs: int, log: Any) -> onnx.ModelProto:
+    """The training loop of `train_digits_cnn`."""
     torch.manual_seed(seed)
     model = build_digits_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -100,3 +108,14 @@ def train_digits_cnn(
             log(f"digits CNN epoch {epoch + 1}/{epochs} loss {loss.item():.4f}")
     example = [torch.from_numpy(data.x_test[:1])]
     return export_onnx(model, example, [DIGITS_INPUT], [DIGITS_OUTPUT])
+
+
+def digits_teacher(cache: Path | None = None, *, seed: int = 0, epochs: int = 30) -> onnx.ModelProto:
+    """The trained digits CNN, loaded from `cache` when that file exists, else trained (and saved there)."""
+    if cache is not None and cache.exists():
+        return onnx.load(str(cache))
+    model = train_digits_cnn(digits_data(seed), seed=seed, epochs=epochs)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(cache))
+    return model

@@ -14,13 +14,14 @@ PyTorch and its helpers are an optional extra, imported only inside these functi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import io
 import sys
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "require_torch",
     "slim",
     "stack_inputs",
+    "torch_threads",
     "unsupported_ops",
 ]
 
@@ -57,6 +59,18 @@ def require_torch(feature: str) -> Any:
         return importlib.import_module("torch")
     except ImportError as exc:
         raise CompressionError(f"{feature} needs PyTorch, which is not installed: {INSTALL_HINT}") from exc
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the body with torch limited to `threads` intra-op threads (small models train faster so)."""
+    torch = require_torch("training")
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _import_onnx2torch() -> Any:

@@ -9,15 +9,17 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
-from compressor.passes.base import Samples
+from compressor.measure import fidelity, make_session, run_all
+from compressor.passes.base import CompressionContext, Samples
+from edge_runtime.profiles import DeviceProfile
 
 __all__ = [
     "WEIGHT_OPS",
+    "compare_models",
     "deflated_bytes",
-    "fidelity",
+    "has_weights",
     "model_bytes",
     "model_cost",
     "run_onnx",
@@ -39,15 +41,9 @@ def deflated_bytes(data: bytes) -> int:
     return len(zlib.compress(data, 9))
 
 
-def run_onnx(model: onnx.ModelProto, samples: Samples, threads: int = 1) -> list[np.ndarray]:
-    """Run `model` with ONNX Runtime on every sample; each output concatenated over the samples."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return stack_outputs([session.run(None, dict(sample)) for sample in samples])
+def run_onnx(model: onnx.ModelProto, samples: Samples, profile: DeviceProfile) -> list[list[np.ndarray]]:
+    """Every output of `model` for every sample, run by ONNX Runtime as `profile`'s device would."""
+    return run_all(make_session(model.SerializeToString(), profile), samples)
 
 
 def stack_outputs(per_sample: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
@@ -55,26 +51,6 @@ def stack_outputs(per_sample: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray
     if not per_sample:
         return []
     return [np.concatenate([np.asarray(out[i]) for out in per_sample]) for i in range(len(per_sample[0]))]
-
-
-def fidelity(
-    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], labels: np.ndarray | None = None
-) -> dict[str, float]:
-    """Compare two models' first outputs: top-1 agreement (classifiers), cosine, max abs error, accuracy."""
-    ref = np.asarray(reference[0], dtype=np.float64).reshape(len(reference[0]), -1)
-    cand = np.asarray(candidate[0], dtype=np.float64).reshape(len(candidate[0]), -1)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    cosine = np.sum(ref * cand, axis=1) / np.maximum(norms, 1e-12)
-    out: dict[str, float] = {
-        "cosine": float(np.mean(cosine)),
-        "max_abs_error": float(np.max(np.abs(ref - cand))) if ref.size else 0.0,
-    }
-    if ref.shape[1] > 1:
-        out["top1_agreement"] = float(np.mean(ref.argmax(1) == cand.argmax(1)))
-        if labels is not None and len(labels) == len(ref):
-            out["reference_accuracy"] = float(np.mean(ref.argmax(1) == labels))
-            out["accuracy"] = float(np.mean(cand.argmax(1) == labels))
-    return out
 
 
 def _weight_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -143,3 +119,30 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
+
+
+def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, ctx: CompressionContext) -> dict[str, Any]:
+    """Bytes (raw and deflated), params, MACs before/after and fidelity of `after` vs `before`."""
+    before_bytes, after_bytes = before.SerializeToString(), after.SerializeToString()
+    report: dict[str, Any] = {
+        "bytes_before": len(before_bytes),
+        "bytes_after": len(after_bytes),
+        "deflated_bytes_before": deflated_bytes(before_bytes),
+        "deflated_bytes_after": deflated_bytes(after_bytes),
+    }
+    sample = next(iter(ctx.validation or ctx.calibration), None)
+    if sample is not None:
+        cost_before, cost_after = model_cost(before, dict(sample)), model_cost(after, dict(sample))
+        report |= {f"{k}_before": v for k, v in cost_before.items()}
+        report |= {f"{k}_after": v for k, v in cost_after.items()}
+    if ctx.validation:
+        reference = run_onnx(before, ctx.validation, ctx.profile)
+        report["fidelity"] = fidelity(reference, run_onnx(after, ctx.validation, ctx.profile), ctx.labels).to_dict()
+        if ctx.labels is not None:
+            report["accuracy_before"] = fidelity(reference, reference, ctx.labels).accuracy
+    return report
+
+
+def has_weights(model: onnx.ModelProto) -> bool:
+    """Whether `model` has any Conv/Gemm/MatMul to train or prune."""
+    return any(node.op_type in WEIGHT_OPS for node in model.graph.node)

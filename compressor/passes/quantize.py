@@ -163,7 +163,7 @@ class Int8Quantization:
             "quantizable_nodes": len(search.nodes),
             "int8_compute_nodes": list(chosen.int8_nodes),
             "float_compute_nodes": [n.name for n in search.nodes if n.name not in set(chosen.int8_nodes)],
-            "weights_int8": True,
+            "weights_kept_float": sorted(search.float_weights),
             "chosen": chosen.label,
             "decision": decision,
             "candidates": rows,
@@ -190,6 +190,8 @@ class _Search:
         self.reference_fidelity = fidelity(self.reference, self.reference, ctx.labels)
         self.cache_path = self.workdir / "calibration.json"
         self.timing_feed = dict(ctx.validation[0])
+        self.float_weights: frozenset[str] = frozenset()
+        """Weights kept float because int8 storage of them cost too much fidelity."""
 
     def run(self) -> tuple[Candidate, list[dict[str, Any]], str]:
         """Measure the candidates and choose one."""
@@ -201,7 +203,10 @@ class _Search:
         log(f"  weight-only int8: {weight_only.size} bytes, latency x{weight_only.latency_ratio:.2f}, "
             f"cosine {weight_only.fidelity.cosine:.4f}")
         if not ok:
-            raise CompressionError(f"even int8 weight storage with float compute misses the budget: {why}")
+            log(f"  weight-only int8 misses the budget ({why}): finding the weights to keep float")
+            weight_only = self.fit_weight_storage(rows)
+            self.time([weight_only])
+            rows.append(weight_only.row())
         best, decision = weight_only, "int8 compute was not faster than float compute; weights stored int8"
         if not (self.options.allow_int8_compute and self.nodes):
             return best, rows, "int8 compute disabled" if self.nodes else decision
@@ -221,6 +226,29 @@ class _Search:
                             f"(measured faster, within budget); the rest compute in float with int8 weights")
                 break
         return best, rows, decision
+
+    def fit_weight_storage(self, rows: list[dict[str, Any]]) -> Candidate:
+        """Keep float the weights whose int8 storage costs most fidelity, until the budgets are met."""
+        _, storage = store_weights_int8(self.model)
+        probe = list(self.ctx.validation[:2])
+        reference = self.reference[:2]
+        damage = {}
+        for name in storage.names:
+            single, _ = store_weights_int8(self.model, only=frozenset({name}))
+            outputs = run_all(make_session(single.SerializeToString(), self.ctx.profile), probe)
+            damage[name] = 1.0 - fidelity(reference, outputs).cosine
+        ranking = sorted(storage.names, key=lambda name: -damage[name])
+        budgets = self.ctx.profile.budgets
+        why = ""
+        for count in _doubling(len(ranking)):
+            self.float_weights = frozenset(ranking[:count])
+            trial = self.evaluate(f"weight-only int8, {count} sensitive weights float", ())
+            rows.append(trial.row())
+            ok, why = meets_budgets(trial.fidelity, self.reference_fidelity, budgets)
+            self.ctx.log(f"  {trial.label}: cosine {trial.fidelity.cosine:.4f}, {trial.size} bytes")
+            if ok:
+                return trial
+        raise CompressionError(f"even int8 weight storage with float compute misses the budget: {why}")
 
     def fast_candidates(self, weight_only: Candidate, rows: list[dict[str, Any]]) -> list[Candidate]:
         """Int8 sets by MAC share, timed; those not faster than weight-only are dropped."""
@@ -255,14 +283,12 @@ class _Search:
         if meets_budgets(candidate.fidelity, self.reference_fidelity, budgets)[0]:
             return candidate
         ranking = self.damage_ranking(candidate)
-        count = 1
-        while count < len(ranking):
+        for count in _doubling(len(ranking))[:-1]:
             kept = tuple(name for name in candidate.int8_nodes if name not in set(ranking[:count]))
             trial = self.evaluate(f"{candidate.label}, {count} sensitive nodes float", kept)
             rows.append(trial.row())
             if meets_budgets(trial.fidelity, self.reference_fidelity, budgets)[0]:
                 return trial
-            count *= 2
         return None
 
     def damage_ranking(self, candidate: Candidate) -> list[str]:
@@ -297,7 +323,7 @@ class _Search:
         model = self.model
         if int8_nodes:
             model = self.quantize(int8_nodes)
-        model, _ = store_weights_int8(model)
+        model, _ = store_weights_int8(model, skip=self.float_weights)
         model, _ = store_small_floats_fp16(model)
         return model
 
@@ -350,6 +376,12 @@ class _Search:
         medians = compare_latency(sessions, self.timing_feed)
         for index, candidate in enumerate(candidates):
             candidate.latency_ratio = medians[str(index)] / medians["reference"]
+
+
+def _doubling(limit: int) -> list[int]:
+    """1, 2, 4, ... up to and including `limit`."""
+    counts = [1 << i for i in range(max(limit, 1).bit_length()) if (1 << i) < limit]
+    return [*counts, limit] if limit else []
 
 
 def _tensor_values(model: onnx.ModelProto, tensors: list[str], samples: Samples, profile: DeviceProfile) -> dict[str, list[np.ndarray]]:

@@ -1,0 +1,77 @@
+"""The compressor on real pretrained models shipped inside a PyPI package (rapidocr-onnxruntime),
+judged on data made for the purpose (rendered text lines with known orientation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto
+
+from compressor.pipeline import compress
+from edge_runtime.bundle import read_bundle
+from edge_runtime.cli import cli
+from edge_runtime.profiles import load_profile
+from tools.zoo import detection_dataset, ppocr_model, text_direction_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def _int8_share(model: onnx.ModelProto) -> float:
+    """Share of initializer bytes stored as int8."""
+    sizes = {}
+    for init in model.graph.initializer:
+        sizes[init.data_type] = sizes.get(init.data_type, 0) + len(init.raw_data)
+    return sizes.get(TensorProto.INT8, 0) / max(sum(sizes.values()), 1)
+
+
+def test_text_direction_classifier_keeps_accuracy_and_shrinks(tmp_path: Path) -> None:
+    calibration, _ = text_direction_dataset(32, seed=11)
+    validation, labels = text_direction_dataset(80, seed=12)
+    result = compress(ppocr_model("cls"), load_profile("x86-vnni-gateway"), calibration,
+                      validation=validation, labels=labels, workdir=tmp_path, log=lambda line: None)
+    report = result.report
+    original_accuracy = report["original"]["accuracy"]
+    assert original_accuracy > 0.9, "the evaluation data must be meaningful for the fp32 model"
+    fid = report["compressed"]["fidelity"]
+    assert (original_accuracy - fid["accuracy"]) * 100 <= 0.5
+    assert fid["top1_agreement"] >= 0.98
+    assert report["compressed"]["size_ratio"] >= 3.5
+    assert _int8_share(result.model) > 0.7
+    notes = report["passes"][0]["notes"]
+    assert any("Constant" in note for note in notes) and any("opset upgraded from 11" in note for note in notes)
+    assert "Constant" not in {node.op_type for node in result.model.graph.node}
+
+
+def test_text_detector_map_stays_close(tmp_path: Path) -> None:
+    calibration = detection_dataset(8, seed=21, size=128)
+    validation = detection_dataset(6, seed=22, size=128)
+    result = compress(ppocr_model("det"), load_profile("x86-vnni-gateway"), calibration,
+                      validation=validation, workdir=tmp_path, log=lambda line: None)
+    compressed = result.report["compressed"]
+    assert compressed["fidelity"]["cosine"] >= 0.99
+    assert compressed["size_ratio"] >= 3.0
+    assert result.report["budgets"]["met"]
+
+
+def test_cli_compress_writes_a_bundle_that_verifies(tmp_path: Path) -> None:
+    samples, labels = text_direction_dataset(40, seed=31)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.concatenate([s["x"] for s in samples]), labels=labels)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["keygen", "-o", str(tmp_path)]).exit_code == 0
+    bundle = tmp_path / "cls.edgebundle"
+    result = runner.invoke(cli, ["compress", str(ppocr_model("cls")), "--profile", "x86-vnni-gateway",
+                                 "--calibration", str(data), "--key", str(tmp_path / "signing.key"),
+                                 "-o", str(bundle), "--name", "text-direction"])
+    assert result.exit_code == 0, result.output
+    assert "budgets: met" in result.output and "compressed" in result.output
+    verified = runner.invoke(cli, ["verify", str(bundle), "--key", str(tmp_path / "signing.pub")])
+    assert verified.exit_code == 0, verified.output
+    assert "self-test passed" in verified.output
+    manifest = read_bundle(bundle, None).manifest
+    assert manifest.name == "text-direction" and manifest.inputs[0].name == "x"
+    assert manifest.report["compressed"]["bytes"] == manifest.files["model.onnx"].size
