@@ -43,8 +43,8 @@ def compress(
     from compressor.data import load_dataset, split
     from compressor.onnx_model import load_model, tensor_specs
     from compressor.pipeline import compress as run_compress
-    from edge_runtime.report_text import format_report
     from edge_runtime.profiles import load_profile
+    from edge_runtime.report_text import format_report
     from edge_runtime.signing import load_private_key
 
     if output.exists() and not force:
@@ -81,10 +81,10 @@ def demo(profile_name: str, output_dir: Path | None) -> None:
     from compressor.bundling import write_result_bundle
     from compressor.demo_model import train_digits_model
     from compressor.pipeline import compress as run_compress
-    from edge_runtime.report_text import format_report
     from edge_runtime.backends import load_backend
     from edge_runtime.bundle import read_bundle
     from edge_runtime.profiles import load_profile
+    from edge_runtime.report_text import format_report
     from edge_runtime.selftest import run_selftest
     from edge_runtime.signing import generate_keypair, load_private_key, load_public_key
 
@@ -104,8 +104,11 @@ def demo(profile_name: str, output_dir: Path | None) -> None:
     click.echo(format_report(result.report))
     bundle = read_bundle(bundle_path, load_public_key(public_path))
     backend = load_backend(bundle.manifest, bundle.model_bytes, profile)
+    golden = bundle.manifest.golden
+    if golden is None:
+        raise UsageError(f"{bundle_path} carries no golden data to self-test")
     try:
-        selftest = run_selftest(backend.run, bundle.golden_cases(), bundle.manifest.golden)
+        selftest = run_selftest(backend.run, bundle.golden_cases(), golden)
     finally:
         backend.close()
     click.echo(f"bundle {bundle_path}: signature OK (key {bundle.signed_by}), checksums OK, self-test "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     attribute = node.attribute[0]
     if attribute.name == "value":
         return numpy_helper.to_array(attribute.t)
-    scalar_kinds = {
+    scalar_kinds: dict[str, Callable[[onnx.AttributeProto], np.ndarray]] = {
         "value_float": lambda a: np.array(a.f, np.float32),
         "value_int": lambda a: np.array(a.i, np.int64),
         "value_floats": lambda a: np.array(list(a.floats), np.float32),
@@ -117,7 +118,7 @@ def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
-DEFAULT_ATTRIBUTES = {
+DEFAULT_ATTRIBUTES: dict[str, dict[str, object]] = {
     "Conv": {"group": 1, "dilations": 1, "strides": 1, "pads": 0, "auto_pad": b"NOTSET"},
     "Gemm": {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0},
 }

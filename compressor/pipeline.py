@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import platform
-import zlib
 import tempfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +81,7 @@ def compress(
             profile=profile, calibration=list(calibration), validation=list(validation), workdir=Path(scratch),
             labels=labels, seed=seed, log=log, options=dict(pass_options or {}),
         )
-        model, reports = original, []
+        model, reports = original, list[dict[str, Any]]()
         for name in recipe:
             step = create_pass(name, **dict(ctx.options.get(name, {})))
             if not step.supports(model):

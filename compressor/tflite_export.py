@@ -76,7 +76,9 @@ def _tf() -> Any:
     try:
         return importlib.import_module("tensorflow")
     except ImportError as exc:
-        raise CompressionError(f"TFLite export needs TensorFlow, which is not installed: {INSTALL_HINT}") from exc
+        raise CompressionError(
+            f"TFLite export needs TensorFlow, which is not installed: {INSTALL_HINT}"
+        ) from exc
 
 
 @dataclass
@@ -93,7 +95,9 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto, tf: Any) -> None:
         """Collect the model's constants."""
         self.tf = tf
-        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.consts: dict[str, np.ndarray] = {
+            i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+        }
         self.values: dict[str, _Value] = {}
 
     def nchw(self, name: str) -> Any:
@@ -219,7 +223,11 @@ def _clip(g: _Graph, node: onnx.NodeProto) -> _Value:
     if len(node.input) > 2 and node.input[2]:
         high = float(g.const(node, 2))
     value = g.values[node.input[0]]
-    tensor = g.tf.nn.relu6(value.tensor) if (low, high) == (0.0, 6.0) else g.tf.clip_by_value(value.tensor, low, high)
+    tensor = (
+        g.tf.nn.relu6(value.tensor)
+        if (low, high) == (0.0, 6.0)
+        else g.tf.clip_by_value(value.tensor, low, high)
+    )
     return _Value(tensor, value.nhwc)
 
 
@@ -297,11 +305,22 @@ def _concat(g: _Graph, node: onnx.NodeProto) -> _Value:
 def _handlers() -> dict[str, Callable[[_Graph, onnx.NodeProto], _Value]]:
     """ONNX op type -> rebuild function (the registry of supported ops)."""
     return {
-        "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Clip": _clip, "Flatten": _flatten,
-        "Reshape": _reshape, "BatchNormalization": _batchnorm, "Softmax": _softmax, "Concat": _concat,
-        "MaxPool": _pool("max"), "AveragePool": _pool("avg"), "GlobalAveragePool": _global_pool,
-        "Add": _binary(lambda a, b: a + b), "Sub": _binary(lambda a, b: a - b),
-        "Mul": _binary(lambda a, b: a * b), "Div": _binary(lambda a, b: a / b),
+        "Conv": _conv,
+        "Gemm": _gemm,
+        "MatMul": _matmul,
+        "Clip": _clip,
+        "Flatten": _flatten,
+        "Reshape": _reshape,
+        "BatchNormalization": _batchnorm,
+        "Softmax": _softmax,
+        "Concat": _concat,
+        "MaxPool": _pool("max"),
+        "AveragePool": _pool("avg"),
+        "GlobalAveragePool": _global_pool,
+        "Add": _binary(lambda a, b: a + b),
+        "Sub": _binary(lambda a, b: a - b),
+        "Mul": _binary(lambda a, b: a * b),
+        "Div": _binary(lambda a, b: a / b),
         "Relu": _unary(lambda tf, x, a: tf.nn.relu(x)),
         "Sigmoid": _unary(lambda tf, x, a: tf.sigmoid(x)),
         "Tanh": _unary(lambda tf, x, a: tf.tanh(x)),
@@ -402,7 +421,7 @@ def _interpreter(data: bytes, threads: int) -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
-        Interpreter = _tf().lite.Interpreter  # noqa: N806
+        Interpreter = _tf().lite.Interpreter
     interpreter = Interpreter(model_content=data, num_threads=threads)
     interpreter.allocate_tensors()
     return interpreter
@@ -424,7 +443,9 @@ def _dequantize(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     return ((array.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
-def run_tflite(data: bytes, samples: Samples, names: Sequence[str], threads: int = 1) -> list[list[np.ndarray]]:
+def run_tflite(
+    data: bytes, samples: Samples, names: Sequence[str], threads: int = 1
+) -> list[list[np.ndarray]]:
     """Every output (float32) of a `.tflite` model for every sample; inputs fed in `names` order."""
     interpreter = _interpreter(data, threads)
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()

@@ -164,7 +164,6 @@ def onnx_to_torch(model: onnx.ModelProto, example: Sequence[torch.Tensor]) -> to
     return module
 
 
-
 def stack_inputs(samples: Samples, names: Sequence[str]) -> list[np.ndarray]:
     """Concatenate the samples' feeds per input name, in `names` order (float32)."""
     return [np.concatenate([np.asarray(s[n]) for s in samples]).astype(np.float32) for n in names]
@@ -221,7 +220,7 @@ def slim(
     keep: Sequence[torch.nn.Module] = (),
 ) -> torch.nn.Module:
     """A copy of `module` with `ratio` of the channels of every prunable group removed (torch-pruning)."""
-    require_torch("structured pruning")
+    torch = require_torch("structured pruning")
     try:
         tp = importlib.import_module("torch_pruning")
     except ImportError as exc:
@@ -239,7 +238,16 @@ def slim(
         round_to=round_to,
     )
     pruner.step()
-    return pruned
+    try:
+        with torch.no_grad():
+            pruned.eval()(*example)
+    except RuntimeError as exc:
+        raise CompressionError(
+            "structured pruning left this model inconsistent (torch-pruning cannot follow channels "
+            "through tensors that are not layer parameters, e.g. a bias added from a stored constant): "
+            f"{str(exc).splitlines()[0]}; use a user-supplied student, or width 1.0"
+        ) from exc
+    return pruned.train()
 
 
 def export_onnx(

@@ -82,7 +82,7 @@ def pack_golden(cases: list[GoldenCase]) -> bytes:
         arrays.update({f"in/{index}/{name}": value for name, value in case.inputs.items()})
         arrays.update({f"out/{index}/{name}": value for name, value in case.outputs.items()})
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, allow_pickle=False, **arrays)
     return buffer.getvalue()
 
 

@@ -69,7 +69,9 @@ def _check_tensor(spec: TensorSpec, value: Any, sizes: dict[str, int]) -> np.nda
                 f"input '{spec.name}' has shape {list(array.shape)}, the model takes {list(spec.shape)}"
             )
         if isinstance(want, str) and want != "?" and sizes.setdefault(want, got) != got:
-            raise RequestError(f"input '{spec.name}': dimension '{want}' is {got} here but {sizes[want]} elsewhere")
+            raise RequestError(
+                f"input '{spec.name}': dimension '{want}' is {got} here but {sizes[want]} elsewhere"
+            )
     return array
 
 
@@ -82,7 +84,9 @@ def _spec_metadata(spec: TensorSpec) -> dict[str, Any]:
 class DataPlane:
     """Inference, metadata and health over a `ModelRegistry`, shared by every transport."""
 
-    def __init__(self, registry: ModelRegistry, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+    def __init__(
+        self, registry: ModelRegistry, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    ) -> None:
         self.registry = registry
         self.max_request_bytes = max_request_bytes
         self.metrics = Metrics()
@@ -93,10 +97,14 @@ class DataPlane:
         names = [spec.name for spec in specs]
         unknown = sorted(set(inputs) - set(names))
         if unknown:
-            raise RequestError(f"unknown input '{unknown[0]}' (model '{model.name}' takes: {', '.join(names)})")
+            raise RequestError(
+                f"unknown input '{unknown[0]}' (model '{model.name}' takes: {', '.join(names)})"
+            )
         missing = [name for name in names if name not in inputs]
         if missing:
-            raise RequestError(f"missing input '{missing[0]}' (model '{model.name}' takes: {', '.join(names)})")
+            raise RequestError(
+                f"missing input '{missing[0]}' (model '{model.name}' takes: {', '.join(names)})"
+            )
         sizes: dict[str, int] = {}
         feeds = {spec.name: _check_tensor(spec, inputs[spec.name], sizes) for spec in specs}
         total = sum(array.nbytes for array in feeds.values())
@@ -112,7 +120,9 @@ class DataPlane:
             return {name: produced[name] for name in names}
         unknown = [name for name in wanted if name not in names]
         if unknown:
-            raise RequestError(f"unknown output '{unknown[0]}' (model '{model.name}' gives: {', '.join(names)})")
+            raise RequestError(
+                f"unknown output '{unknown[0]}' (model '{model.name}' gives: {', '.join(names)})"
+            )
         return {name: produced[name] for name in wanted}
 
     def infer(self, request: InferRequest) -> InferResponse:

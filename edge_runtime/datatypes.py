@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from edge_runtime.errors import RequestError
@@ -25,13 +27,15 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
 _NUMPY_TO_V2 = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
 
 
-def numpy_dtype(datatype: str, tensor: str) -> np.dtype:
+def numpy_dtype(datatype: Any, tensor: str) -> np.dtype:
     """The numpy dtype of a v2 datatype string; RequestError naming `tensor` if unsupported."""
     try:
         return V2_TO_NUMPY[datatype]
     except (KeyError, TypeError):
         if datatype == "BYTES":
-            raise RequestError(f"tensor '{tensor}': BYTES tensors are not supported by this runtime") from None
+            raise RequestError(
+                f"tensor '{tensor}': BYTES tensors are not supported by this runtime"
+            ) from None
         known = ", ".join(V2_TO_NUMPY)
         raise RequestError(f"tensor '{tensor}': unknown datatype {datatype!r} (known: {known})") from None
 

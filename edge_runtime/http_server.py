@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
+import contextlib
 import logging
 import threading
 import time
@@ -37,6 +37,8 @@ __all__ = ["HttpServer", "Response"]
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
+DRAIN_SECONDS = 2.0
+"""How long a rejected upload is read and discarded before the connection is closed."""
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -74,7 +76,7 @@ class Response:
 
 
 def _json(status: int, data: Any) -> Response:
-    return Response(status, json.dumps(data, separators=(",", ":")).encode("utf-8"))
+    return Response(status, v2codec.json_dumps(data))
 
 
 def _error(exc: EdgeError) -> Response:
@@ -119,6 +121,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.busy = False
+        self.draining = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -129,16 +132,28 @@ class _Connection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self.draining:
+            return
         self.buffer += data
         if not self.busy:
             self._process()
 
     def _reject(self, exc: EdgeError, status: int | None = None) -> None:
-        """Answer an unreadable request and close: the rest of the stream cannot be trusted."""
+        """Answer an unreadable request, then drop what the client still sends and close.
+
+        Closing at once with unread data would reset the connection, and the client could lose
+        the answer; so the rest of its upload is read and discarded for a short while first.
+        """
         response = _error(exc)
         if status is not None:
             response = Response(status, response.body)
-        self._send(response, keep_alive=False)
+        if self.transport is None:
+            return
+        self.transport.write(response.to_bytes(keep_alive=False))
+        self.draining = True
+        self.buffer.clear()
+        transport = self.transport
+        asyncio.get_running_loop().call_later(DRAIN_SECONDS, transport.close)
 
     def _send(self, response: Response, keep_alive: bool) -> None:
         if self.transport is None:
@@ -149,7 +164,7 @@ class _Connection(asyncio.Protocol):
 
     def _process(self) -> None:
         """Answer every complete request in the buffer, stopping while one runs on the pool."""
-        while self.transport is not None and not self.busy:
+        while self.transport is not None and not self.busy and not self.draining:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buffer) > MAX_HEADER_BYTES:
@@ -161,11 +176,15 @@ class _Connection(asyncio.Protocol):
                 self._reject(exc)
                 return
             if "chunked" in head.headers.get("transfer-encoding", "").lower():
-                self._reject(RequestError("chunked request bodies are not supported; send Content-Length"), 411)
+                self._reject(
+                    RequestError("chunked request bodies are not supported; send Content-Length"), 411
+                )
                 return
             limit = self.server.max_body_bytes
             if head.length > limit:
-                self._reject(PayloadTooLarge(f"request body of {head.length} bytes is over the {limit}-byte limit"))
+                self._reject(
+                    PayloadTooLarge(f"request body of {head.length} bytes is over the {limit}-byte limit")
+                )
                 return
             total = end + 4 + head.length
             if len(self.buffer) < total:
@@ -184,9 +203,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.pause_reading()
         future = self.server._executor.submit(job)
-        future.add_done_callback(
-            lambda done: self.server._call_in_loop(self._finish, done, head.keep_alive)
-        )
+        future.add_done_callback(lambda done: self.server._call_in_loop(self._finish, done, head.keep_alive))
 
     def _finish(self, done: concurrent.futures.Future, keep_alive: bool) -> None:
         self.busy = False
@@ -248,6 +265,9 @@ class HttpServer:
             raise NotFoundError(f"no route {head.method} {head.path}")
         except EdgeError as exc:
             return _error(exc)
+        except Exception as exc:  # answer and keep serving, whatever went wrong
+            log.exception("%s %s failed", head.method, head.path)
+            return _json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
 
     def _not_allowed(self, head: _Head, parts: list[str]) -> Response:
         known = {("v2",), ("v2", "health", "live"), ("v2", "health", "ready"), ("metrics",)}
@@ -299,7 +319,9 @@ class HttpServer:
             try:
                 header_length = None if raw_length is None else int(raw_length)
             except ValueError:
-                raise RequestError(f"{v2codec.HEADER_LENGTH} must be an integer, got {raw_length!r}") from None
+                raise RequestError(
+                    f"{v2codec.HEADER_LENGTH} must be an integer, got {raw_length!r}"
+                ) from None
             decoded = v2codec.decode_request(body, name, version, header_length=header_length)
             result = self.dataplane.infer(decoded.request)
             payload, extra = v2codec.encode_infer_response(result, binary_outputs=decoded.binary_outputs)
@@ -315,10 +337,8 @@ class HttpServer:
     def _call_in_loop(self, callback: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed since the check (stopping)
                 loop.call_soon_threadsafe(callback, *args)
-            except RuntimeError:  # the loop closed between the check and the call (stopping)
-                pass
 
     def _serve(self) -> None:
         loop = asyncio.new_event_loop()
@@ -356,7 +376,9 @@ class HttpServer:
         if self._start_error is not None:
             self._thread = None
             error = self._start_error
-            raise UsageError(f"cannot listen on {self.host}:{self.port}: {error.strerror or error}") from error
+            raise UsageError(
+                f"cannot listen on {self.host}:{self.port}: {error.strerror or error}"
+            ) from error
         log.info("HTTP v2 API on http://%s:%d", self.host, self.port)
 
     def stop(self) -> None:

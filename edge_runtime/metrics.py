@@ -75,7 +75,7 @@ class Metrics:
             rejected = self._rejected
         models: dict[str, Any] = {}
         for model, (version, requests, errors, recent) in sorted(copies.items()):
-            latency = {"p50": None, "p95": None, "p99": None}
+            latency: dict[str, float | None] = {"p50": None, "p95": None, "p99": None}
             if recent:
                 values = np.percentile(np.asarray(recent) * 1000.0, [50, 95, 99])
                 latency = {key: round(float(value), 4) for key, value in zip(latency, values, strict=True)}
@@ -115,7 +115,9 @@ class Metrics:
             cumulative = 0
             for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), series.buckets, strict=True):
                 cumulative += count
-                lines.append(f'edge_request_latency_seconds_bucket{{{labels[key]},le="{bound}"}} {cumulative}')
+                lines.append(
+                    f'edge_request_latency_seconds_bucket{{{labels[key]},le="{bound}"}} {cumulative}'
+                )
             lines.append(f"edge_request_latency_seconds_sum{{{labels[key]}}} {series.latency_sum:.6f}")
             lines.append(f"edge_request_latency_seconds_count{{{labels[key]}}} {series.requests}")
         lines += [

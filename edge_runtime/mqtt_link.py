@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,12 @@ class _Subscription:
     qos: int
 
 
+def _no_delay(_client: paho.Client, _userdata: object, sock: object) -> None:
+    """Disable Nagle: replies are small and latency-bound (paho leaves it on)."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class MqttLink:
     """A broker connection that survives outages, dispatching received messages to worker threads."""
 
@@ -103,7 +110,9 @@ class MqttLink:
         return self._connected.wait(timeout)
 
     # -- registration (before or after start) ----------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1, on_busy: Handler | None = None) -> None:
+    def subscribe(
+        self, topic_filter: str, handler: Handler, *, qos: int = 1, on_busy: Handler | None = None
+    ) -> None:
         """Run `handler` on a worker for every message matching `topic_filter`; `on_busy` if the queue is full."""
         sub = _Subscription(topic_filter, handler, on_busy, qos)
         self._subs.append(sub)
@@ -166,20 +175,14 @@ class MqttLink:
             worker.join(timeout)
         client = self._client
         if self.presence is not None and self.connected:
-            info = client.publish(self.presence.topic, self.presence.offline, qos=self.presence.qos, retain=True)
+            info = client.publish(
+                self.presence.topic, self.presence.offline, qos=self.presence.qos, retain=True
+            )
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 info.wait_for_publish(timeout)
         client.disconnect()
         client.loop_stop()
         self._connected.clear()
-
-    def kill(self) -> None:
-        """Drop the connection without DISCONNECT, so the broker publishes the last will (tests)."""
-        self._accepting = False
-        self._client.loop_stop()
-        sock = self._client.socket()
-        if sock is not None:
-            sock.close()
 
     # -- paho side ---------------------------------------------------------------------------
     def _make_client(self, protocol: MqttProtocol) -> paho.Client:
@@ -188,6 +191,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_socket_open = _no_delay
         client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
         client.max_inflight_messages_set(64)
         if self.settings.username:
@@ -202,7 +206,9 @@ class MqttLink:
         try:
             client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
         except (OSError, ValueError) as exc:
-            raise TransientError(f"cannot connect to {self.settings.host}:{self.settings.port}: {exc}") from exc
+            raise TransientError(
+                f"cannot connect to {self.settings.host}:{self.settings.port}: {exc}"
+            ) from exc
         client.loop_start()
 
     def _attach(self, client: paho.Client, sub: _Subscription) -> None:
@@ -241,9 +247,15 @@ class MqttLink:
             except Exception:  # a handler bug must not kill the worker
                 log.exception("handler for %s failed", incoming.topic)
 
-    def _on_connect(self, client: paho.Client, _u: object, _flags: object, reason: ReasonCode, _p: object) -> None:
+    def _on_connect(
+        self, client: paho.Client, _u: object, _flags: object, reason: ReasonCode, _p: object
+    ) -> None:
         if reason.is_failure:
-            if reason.value == _UNSUPPORTED_PROTOCOL and self.protocol is MqttProtocol.V5 and self.settings.fallback:
+            if (
+                reason.value == _UNSUPPORTED_PROTOCOL
+                and self.protocol is MqttProtocol.V5
+                and self.settings.fallback
+            ):
                 log.warning("broker refused MQTT 5; retrying with MQTT 3.1.1")
                 threading.Thread(target=self._downgrade, name="mqtt-downgrade", daemon=True).start()
             else:
@@ -268,11 +280,14 @@ class MqttLink:
         self._client = self._make_client(self.protocol)
         self._connect(self._client)
 
-    def _on_disconnect(self, _c: paho.Client, _u: object, _flags: object, reason: ReasonCode, _p: object) -> None:
+    def _on_disconnect(
+        self, _c: paho.Client, _u: object, _flags: object, reason: ReasonCode, _p: object
+    ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
         if was_connected:
-            log.warning("disconnected from broker (%s); reconnecting", reason)
+            if self._accepting:
+                log.warning("disconnected from broker (%s); reconnecting", reason)
             for listener in self._connection_listeners:
                 listener(False)
 

@@ -79,7 +79,8 @@ class Outbox:
             excess = self._count - self.max_records
             if excess > 0:
                 self._db.execute(
-                    "DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)", (excess,)
+                    "DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)",
+                    (excess,),
                 )
                 self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (excess,))
                 self._count -= excess
@@ -92,7 +93,9 @@ class Outbox:
                 "SELECT seq, topic, payload, qos, retain FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after, limit),
             ).fetchall()
-        return [Record(seq, topic, bytes(payload), qos, bool(retain)) for seq, topic, payload, qos, retain in rows]
+        return [
+            Record(seq, topic, bytes(payload), qos, bool(retain)) for seq, topic, payload, qos, retain in rows
+        ]
 
     def remove(self, seqs: list[int]) -> None:
         """Delete acknowledged records (unknown sequence numbers are ignored)."""

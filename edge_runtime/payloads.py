@@ -17,9 +17,21 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.dataplane import InferRequest, InferResponse
-from edge_runtime.errors import PayloadTooLarge, RequestError, UsageError
+from edge_runtime.errors import (
+    EdgeError,
+    NotFoundError,
+    PayloadTooLarge,
+    RequestError,
+    UnavailableError,
+    UsageError,
+)
 from edge_runtime.topics import check_topic
-from edge_runtime.v2codec import decode_infer_request, encode_infer_response
+from edge_runtime.v2codec import (
+    decode_infer_request,
+    decode_infer_response,
+    encode_infer_request,
+    encode_infer_response,
+)
 
 __all__ = [
     "PAYLOAD_VERSION",
@@ -28,11 +40,13 @@ __all__ = [
     "Presence",
     "StreamDecoding",
     "decode_json",
+    "decode_reply",
     "decode_stream",
     "encode_error",
     "encode_event",
     "encode_presence",
     "encode_reply",
+    "encode_request",
     "encode_stream_result",
     "encode_telemetry",
     "read_envelope",
@@ -52,9 +66,9 @@ class EventKind(StrEnum):
     """What an event on the events topic reports."""
 
     MODEL_REFUSED = "model_refused"
+    """A bundle failed verification, loading or its self-test; the other models keep serving."""
     TELEMETRY_DROPPED = "telemetry_dropped"
-    STREAM_ERROR = "stream_error"
-    REQUESTS_SHED = "requests_shed"
+    """The outbox hit its bound while the broker was unreachable; the oldest records were dropped."""
 
 
 class StreamDecoding(StrEnum):
@@ -89,7 +103,9 @@ def decode_json(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise RequestError("payload must be a JSON object")
     if doc.get("v", PAYLOAD_VERSION) != PAYLOAD_VERSION:
-        raise RequestError(f"payload schema v{doc.get('v')} is not supported (this device reads v{PAYLOAD_VERSION})")
+        raise RequestError(
+            f"payload schema v{doc.get('v')} is not supported (this device reads v{PAYLOAD_VERSION})"
+        )
     return doc
 
 
@@ -134,6 +150,32 @@ def encode_reply(response: InferResponse) -> bytes:
     return _with_version(body)
 
 
+def encode_request(request: InferRequest, *, reply_to: str | None = None) -> bytes:
+    """A client's inference request payload (`reply_to` for MQTT 3.1.1 clients)."""
+    body, _ = encode_infer_request(request)
+    fields: dict[str, Any] = {"reply_to": reply_to} if reply_to else {}
+    if request.version is not None:
+        fields["model_version"] = request.version
+    return _with_version(body, **fields)
+
+
+_ERRORS_BY_STATUS: dict[int, type[EdgeError]] = {
+    400: RequestError,
+    404: NotFoundError,
+    413: PayloadTooLarge,
+    503: UnavailableError,
+}
+
+
+def decode_reply(raw: bytes) -> InferResponse:
+    """A client's view of a reply: the response, or the device's error raised as the matching EdgeError."""
+    doc = decode_json(raw, max_bytes=len(raw))
+    if "error" in doc:
+        status = doc.get("status")
+        raise _ERRORS_BY_STATUS.get(status if isinstance(status, int) else 0, EdgeError)(str(doc["error"]))
+    return decode_infer_response(raw)
+
+
 def encode_error(message: str, status: int, request_id: str | None) -> bytes:
     """An error reply: ``{"v": 1, "id": ..., "error": ..., "status": <HTTP-like code>}``."""
     return _dumps({"v": PAYLOAD_VERSION, "id": request_id, "error": message, "status": status})
@@ -141,7 +183,9 @@ def encode_error(message: str, status: int, request_id: str | None) -> bytes:
 
 def encode_presence(state: Presence, device_id: str) -> bytes:
     """The retained status payload."""
-    return _dumps({"v": PAYLOAD_VERSION, "device": device_id, "state": state.value, "ts": round(time.time(), 3)})
+    return _dumps(
+        {"v": PAYLOAD_VERSION, "device": device_id, "state": state.value, "ts": round(time.time(), 3)}
+    )
 
 
 def encode_telemetry(doc: dict[str, Any]) -> bytes:
@@ -151,7 +195,9 @@ def encode_telemetry(doc: dict[str, Any]) -> bytes:
 
 def encode_event(kind: EventKind, device_id: str, **fields: Any) -> bytes:
     """An event record: ``{"v": 1, "kind": ..., "device": ..., "ts": ..., ...}``."""
-    return _dumps({"v": PAYLOAD_VERSION, "kind": kind.value, "device": device_id, "ts": round(time.time(), 3), **fields})
+    return _dumps(
+        {"v": PAYLOAD_VERSION, "kind": kind.value, "device": device_id, "ts": round(time.time(), 3), **fields}
+    )
 
 
 def encode_stream_result(response: InferResponse, source_topic: str) -> bytes:

@@ -156,7 +156,7 @@ def _convert(
         if not isinstance(value, str):
             raise error(f"{where} must be a string, got {value!r}")
         return value
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise error(f"{where} must be a table, got {value!r}")
         return _build(annotation, value, source, f"{key}.", error)

@@ -134,7 +134,9 @@ class ModelRegistry:
                 raise UnavailableError(f"model '{name}' is not serving: {failure.reason}")
             raise NotFoundError(f"model '{name}' is not loaded")
         if version is not None and version != model.version:
-            raise NotFoundError(f"model '{name}' version '{version}' is not loaded (serving '{model.version}')")
+            raise NotFoundError(
+                f"model '{name}' version '{version}' is not loaded (serving '{model.version}')"
+            )
         return model
 
     def models(self) -> list[LoadedModel]:

@@ -30,27 +30,61 @@ def format_report(report: dict[str, Any]) -> str:
     original, compressed = report["original"], report["compressed"]
     fid = compressed["fidelity"]
     rows = [
-        ["original (fp32)", str(original["bytes"]), "1.00x", f"{original['latency_ms']:.3f}", "1.00x",
-         _fmt(original.get("accuracy"), "pct"), "-", "-"],
-        ["compressed", str(compressed["bytes"]), _fmt(compressed["size_ratio"], "ratio"),
-         f"{compressed['latency_ms']:.3f}", _fmt(compressed["latency_ratio"], "ratio"),
-         _fmt(fid["accuracy"], "pct"), _fmt(fid["top1_agreement"], "pct"), f"{fid['cosine']:.4f}"],
+        [
+            "original (fp32)",
+            str(original["bytes"]),
+            "1.00x",
+            f"{original['latency_ms']:.3f}",
+            "1.00x",
+            _fmt(original.get("accuracy"), "pct"),
+            "-",
+            "-",
+        ],
+        [
+            "compressed",
+            str(compressed["bytes"]),
+            _fmt(compressed["size_ratio"], "ratio"),
+            f"{compressed['latency_ms']:.3f}",
+            _fmt(compressed["latency_ratio"], "ratio"),
+            _fmt(fid["accuracy"], "pct"),
+            _fmt(fid["top1_agreement"], "pct"),
+            f"{fid['cosine']:.4f}",
+        ],
     ]
     header = ["model", "bytes", "smaller", "latency ms", "vs fp32", "accuracy", "top-1 agree", "cosine"]
-    parts = [f"{report['model']} for profile {report['profile']['name']} "
-             f"(measured on {report['host']['cpu']}, {report['validation_samples']} held-out samples)",
-             _table(header, rows)]
+    parts = [
+        f"{report['model']} for profile {report['profile']['name']} "
+        f"(measured on {report['host']['cpu']}, {report['validation_samples']} held-out samples)",
+        _table(header, rows),
+    ]
     for step in report["passes"]:
         if step.get("candidates"):
-            cand_rows = [[c["label"], str(c["int8_compute_nodes"]), str(c["bytes"]), _fmt(c["latency_ratio"], "ratio"),
-                          _fmt(c["accuracy"], "pct"), _fmt(c["top1_agreement"], "pct"), f"{c['cosine']:.4f}"]
-                         for c in step["candidates"]]
+            cand_rows = [
+                [
+                    c["label"],
+                    str(c["int8_compute_nodes"]),
+                    str(c["bytes"]),
+                    _fmt(c["latency_ratio"], "ratio"),
+                    _fmt(c["accuracy"], "pct"),
+                    _fmt(c["top1_agreement"], "pct"),
+                    f"{c['cosine']:.4f}",
+                ]
+                for c in step["candidates"]
+            ]
             parts.append("int8 candidates (latency relative to the float model):")
-            parts.append(_table(["candidate", "int8 nodes", "bytes", "latency", "accuracy", "top-1 agree", "cosine"],
-                                cand_rows))
+            parts.append(
+                _table(
+                    ["candidate", "int8 nodes", "bytes", "latency", "accuracy", "top-1 agree", "cosine"],
+                    cand_rows,
+                )
+            )
             parts.append(f"chosen: {step['chosen']} - {step['decision']}")
         for note in step.get("notes", []):
             parts.append(f"note: {note}")
     budgets = report.get("budgets", {})
-    parts.append("budgets: met" if budgets.get("met") else "budgets: NOT met: " + "; ".join(budgets.get("failures", [])))
+    parts.append(
+        "budgets: met"
+        if budgets.get("met")
+        else "budgets: NOT met: " + "; ".join(budgets.get("failures", []))
+    )
     return "\n".join(parts)

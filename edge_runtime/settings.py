@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+import numpy as np
+
 from edge_runtime.errors import UsageError
 from edge_runtime.payloads import StreamDecoding
 from edge_runtime.profiles import build_from_table
@@ -66,8 +68,8 @@ class MqttSettings:
     """Threads running inference for MQTT requests (never paho's network thread)."""
     queue_size: int = 256
     """Messages waiting for a worker; beyond it requests are answered "busy" (503)."""
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 30
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ def _check(settings: Settings, source: str) -> None:
         "telemetry.interval_s": settings.telemetry.interval_s,
         "outbox.max_records": settings.outbox.max_records,
         "max_request_bytes": settings.max_request_bytes,
+        "mqtt.reconnect_min_s": settings.mqtt.reconnect_min_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -151,6 +154,12 @@ def _check(settings: Settings, source: str) -> None:
             check_topic(binding.output_topic.replace("{device}", settings.device_id))
         except UsageError as exc:
             raise UsageError(f"{where}: {exc}") from None
+        try:
+            np.dtype(binding.dtype)
+        except TypeError:
+            raise UsageError(
+                f"{where}: dtype '{binding.dtype}' is not a numpy dtype name (float32, int64, ...)"
+            ) from None
         if binding.qos not in (0, 1, 2):
             raise UsageError(f"{where}: qos must be 0, 1 or 2, got {binding.qos}")
 
@@ -164,7 +173,11 @@ def _resolve(settings: Settings, base: Path) -> Settings:
     profile = absolute(settings.profile) if settings.profile.endswith(".toml") else settings.profile
     outbox = dataclasses.replace(settings.outbox, path=absolute(settings.outbox.path))
     return dataclasses.replace(
-        settings, profile=profile, store=absolute(settings.store), public_key=absolute(settings.public_key), outbox=outbox
+        settings,
+        profile=profile,
+        store=absolute(settings.store),
+        public_key=absolute(settings.public_key),
+        outbox=outbox,
     )
 
 

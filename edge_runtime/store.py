@@ -180,7 +180,9 @@ class ModelStore:
         if current.previous is None:
             raise NotFoundError(f"model '{name}' has no previous version to roll back to")
         if not self.bundle_path(name, current.previous).is_file():
-            raise NotFoundError(f"model '{name}' previous version '{current.previous}' is no longer installed")
+            raise NotFoundError(
+                f"model '{name}' previous version '{current.previous}' is no longer installed"
+            )
         self._write_state(name, ModelState(active=current.previous, previous=current.active))
         log.info("rolled %s back from %s to %s", name, current.active, current.previous)
         return current.previous

@@ -51,7 +51,12 @@ class Keys:
 def make_keys(directory: Path, name: str = "signing") -> Keys:
     """Generate a key pair into `directory`."""
     private_path, public_path = signing.generate_keypair(directory, name)
-    return Keys(private_path, public_path, signing.load_private_key(private_path), signing.load_public_key(public_path))
+    return Keys(
+        private_path,
+        public_path,
+        signing.load_private_key(private_path),
+        signing.load_public_key(public_path),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +109,9 @@ def mlp_bundle_factory(tmp_path: Path, signing_keys: Keys, device_profile: Devic
         spec = None
         if golden:
             expected = golden_outputs or (lambda x: reference_forward(weights, x))
-            cases = [GoldenCase({INPUT_NAME: x}, {OUTPUT_NAME: expected(x)}) for x in golden_inputs(sizes[0], seed)]
+            cases = [
+                GoldenCase({INPUT_NAME: x}, {OUTPUT_NAME: expected(x)}) for x in golden_inputs(sizes[0], seed)
+            ]
             members["golden.npz"] = pack_golden(cases)
             tolerance = 0.02 if int8 else 1e-4
             spec = GoldenSpec(file="golden.npz", cases=len(cases), rtol=tolerance, atol=tolerance)

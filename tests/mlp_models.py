@@ -145,7 +145,9 @@ def _fc_options(schema: object, relu: bool) -> object:
     return options
 
 
-def build_tflite_mlp(weights: MlpWeights, *, int8: bool = False, calibration: np.ndarray | None = None) -> bytes:
+def build_tflite_mlp(
+    weights: MlpWeights, *, int8: bool = False, calibration: np.ndarray | None = None
+) -> bytes:
     """The MLP as TFLite with a free batch dim: float32, or int8 inside with int8 input/output tensors."""
     from ai_edge_litert import schema_py_generated as s
 
@@ -172,13 +174,21 @@ def build_tflite_mlp(weights: MlpWeights, *, int8: bool = False, calibration: np
         x_q = (float(np.abs(x_cal).max()) / 127.0, 0)
         h_q = (float(hidden_cal.max()) / 255.0, -128)
         l_lo, l_hi = float(logits_cal.min()), float(logits_cal.max())
-        l_q = ((l_hi - l_lo) / 255.0, int(round(-128 - l_lo / ((l_hi - l_lo) / 255.0))))
+        l_q = ((l_hi - l_lo) / 255.0, round(-128 - l_lo / ((l_hi - l_lo) / 255.0)))
         w1_s, w2_s = float(np.abs(weights.w1).max()) / 127.0, float(np.abs(weights.w2).max()) / 127.0
         x = w.tensor(INPUT_NAME, (1, n_in), i8, quant=x_q, signature=(-1, n_in))
         w1 = w.tensor("W1", (n_hidden, n_in), i8, np.round(weights.w1.T / w1_s).astype(np.int8), (w1_s, 0))
-        b1 = w.tensor("B1", (n_hidden,), i32, np.round(weights.b1 / (x_q[0] * w1_s)).astype(np.int32), (x_q[0] * w1_s, 0))
+        b1 = w.tensor(
+            "B1",
+            (n_hidden,),
+            i32,
+            np.round(weights.b1 / (x_q[0] * w1_s)).astype(np.int32),
+            (x_q[0] * w1_s, 0),
+        )
         w2 = w.tensor("W2", (n_out, n_hidden), i8, np.round(weights.w2.T / w2_s).astype(np.int8), (w2_s, 0))
-        b2 = w.tensor("B2", (n_out,), i32, np.round(weights.b2 / (h_q[0] * w2_s)).astype(np.int32), (h_q[0] * w2_s, 0))
+        b2 = w.tensor(
+            "B2", (n_out,), i32, np.round(weights.b2 / (h_q[0] * w2_s)).astype(np.int32), (h_q[0] * w2_s, 0)
+        )
         h = w.tensor("hidden", (1, n_hidden), i8, quant=h_q, signature=(-1, n_hidden))
         logits = w.tensor("logits", (1, n_out), i8, quant=l_q, signature=(-1, n_out))
         y = w.tensor(OUTPUT_NAME, (1, n_out), i8, quant=(1.0 / 256.0, -128), signature=(-1, n_out))

@@ -31,7 +31,8 @@ def _compress(ws: Path, *extra: str, model: str = "cnn.onnx", calib: str = "cali
 
 def _assert_clean_failure(result, ws: Path, message: str) -> None:
     assert result.exit_code != 0
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.output
     assert message in lines[0], lines[0]

@@ -61,14 +61,14 @@ def test_missing_key_is_named_with_the_file(tmp_path: Path) -> None:
 
 
 def test_wrong_type_and_bad_enum_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ProfileError, match="hardware.cores must be an integer"):
+    with pytest.raises(ProfileError, match=r"hardware\.cores must be an integer"):
         load_profile(_write(tmp_path, _base_text().replace("cores = 4", 'cores = "four"')))
-    with pytest.raises(ProfileError, match="runtime.engine must be one of onnxruntime, tflite"):
+    with pytest.raises(ProfileError, match=r"runtime\.engine must be one of onnxruntime, tflite"):
         load_profile(_write(tmp_path, _base_text().replace('engine = "onnxruntime"', 'engine = "tensorrt"')))
 
 
 def test_unknown_profile_name_lists_the_known_ones() -> None:
-    with pytest.raises(ProfileError, match="unknown device profile 'pi-9'.*raspberry-pi-4"):
+    with pytest.raises(ProfileError, match=r"unknown device profile 'pi-9'.*raspberry-pi-4"):
         load_profile("pi-9")
 
 

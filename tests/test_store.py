@@ -143,6 +143,6 @@ def test_stored_bundle_tampered_on_disk_is_refused_on_open(store, mlp_bundle_fac
 def test_corrupt_state_file_names_the_file(store, mlp_bundle_factory):
     store.install(mlp_bundle_factory("mlp", "1"))
     (store.root / "mlp" / "state.json").write_text("{not json")
-    with pytest.raises(BundleError, match="state.json"):
+    with pytest.raises(BundleError, match=r"state\.json"):
         store.state("mlp")
     assert store.active() == {}

@@ -49,13 +49,14 @@ _MODEL_FILES = {
 }
 _FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 _FONT_FILES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
-_WORDS = (
+_WORD_TEXT = (
     "the quick brown fox jumps over lazy dog open close exit entry north south east west "
     "total price order invoice date time station platform gate room floor level street road "
     "avenue park market city hotel coffee bread milk sale new free stop slow danger warning "
     "power water light sensor device model serial number batch lot page chapter section "
     "Monday Friday January March June October London Berlin Paris Tokyo Sydney Boston"
-).split()
+)
+_WORDS = tuple(_WORD_TEXT.split())
 
 
 # ---------------------------------------------------------------- models
@@ -217,7 +218,7 @@ def render_line(
 
 
 def text_direction_dataset(n: int, seed: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
-    """`n` cls feeds {"x": [1, 3, 48, 192]} of text lines, every other one turned 180° (label 1)."""
+    """`n` cls feeds {"x": [1, 3, 48, 192]} of text lines, half of them (shuffled) turned 180° (label 1)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % 2
     rng.shuffle(labels)

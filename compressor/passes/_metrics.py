@@ -121,7 +121,9 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, ctx: CompressionContext) -> dict[str, Any]:
+def compare_models(
+    before: onnx.ModelProto, after: onnx.ModelProto, ctx: CompressionContext
+) -> dict[str, Any]:
     """Bytes (raw and deflated), params, MACs before/after and fidelity of `after` vs `before`."""
     before_bytes, after_bytes = before.SerializeToString(), after.SerializeToString()
     report: dict[str, Any] = {
@@ -137,7 +139,9 @@ def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, ctx: Compres
         report |= {f"{k}_after": v for k, v in cost_after.items()}
     if ctx.validation:
         reference = run_onnx(before, ctx.validation, ctx.profile)
-        report["fidelity"] = fidelity(reference, run_onnx(after, ctx.validation, ctx.profile), ctx.labels).to_dict()
+        report["fidelity"] = fidelity(
+            reference, run_onnx(after, ctx.validation, ctx.profile), ctx.labels
+        ).to_dict()
         if ctx.labels is not None:
             report["accuracy_before"] = fidelity(reference, reference, ctx.labels).accuracy
     return report

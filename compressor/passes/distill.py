@@ -79,6 +79,8 @@ class _Data:
     labels: np.ndarray | None
     train: np.ndarray
     holdout: np.ndarray
+    probabilities: tuple[bool, ...]
+    """Per output: the teacher emits probabilities (softmax applied), not logits."""
 
 
 def _input_names(model: onnx.ModelProto) -> list[str]:
@@ -90,7 +92,9 @@ def _input_names(model: onnx.ModelProto) -> list[str]:
 def _transfer_data(teacher: onnx.ModelProto, ctx: CompressionContext, options: DistillOptions) -> _Data:
     """Teacher soft targets on the transfer set, with a seeded train / held-out split."""
     if len(ctx.calibration) < 4:
-        raise DataError(f"distillation needs a transfer set of at least 4 samples, got {len(ctx.calibration)}")
+        raise DataError(
+            f"distillation needs a transfer set of at least 4 samples, got {len(ctx.calibration)}"
+        )
     inputs = stack_inputs(ctx.calibration, _input_names(teacher))
     targets = [t.astype(np.float32) for t in stack_outputs(run_onnx(teacher, ctx.calibration, ctx.profile))]
     labels = options.transfer_labels
@@ -98,7 +102,10 @@ def _transfer_data(teacher: onnx.ModelProto, ctx: CompressionContext, options: D
         raise DataError(f"{len(labels)} transfer labels for {len(inputs[0])} transfer samples")
     order = np.random.default_rng(ctx.seed).permutation(len(inputs[0]))
     cut = max(1, round(len(order) * options.holdout_fraction))
-    return _Data(inputs, targets, labels, train=order[cut:], holdout=order[:cut])
+    flags = tuple(
+        bool(_is_logits(t) and t.min() >= 0 and np.allclose(t.sum(1), 1, atol=1e-3)) for t in targets
+    )
+    return _Data(inputs, targets, labels, train=order[cut:], holdout=order[:cut], probabilities=flags)
 
 
 def derive_student(
@@ -128,35 +135,50 @@ def _is_logits(array: np.ndarray | torch.Tensor) -> bool:
     return array.ndim == 2 and array.shape[1] > 1
 
 
-def _loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], labels: Any, o: DistillOptions) -> Any:
+def _loss(
+    outputs: list[torch.Tensor], targets: list[torch.Tensor], labels: Any, data: _Data, o: DistillOptions
+) -> Any:
     """KD loss over all outputs, mixed with label cross-entropy when labels are given."""
     torch = require_torch("distillation")
     f = torch.nn.functional
-    total = 0.0
-    for out, target in zip(outputs, targets, strict=True):
+    total, first = 0.0, None
+    for out, target, is_prob in zip(outputs, targets, data.probabilities, strict=True):
         if _is_logits(target):
+            # probabilities become logits up to a per-row constant, which softmax ignores
+            out, target = (
+                (out.clamp_min(1e-8).log(), target.clamp_min(1e-8).log()) if is_prob else (out, target)
+            )
+            first = out if first is None else first
             t = o.temperature
             soft = f.log_softmax(out / t, dim=1)
-            total = total + f.kl_div(soft, f.log_softmax(target / t, dim=1), log_target=True,
-                                     reduction="batchmean") * t * t
+            kd = f.kl_div(soft, f.log_softmax(target / t, dim=1), log_target=True, reduction="batchmean")
+            total = total + kd * t * t
         else:
             total = total + f.mse_loss(out.reshape(target.shape), target)
-    if labels is None:
+    if labels is None or first is None:
         return total
-    return o.alpha * total + (1.0 - o.alpha) * f.cross_entropy(outputs[0], labels)
+    return o.alpha * total + (1.0 - o.alpha) * f.cross_entropy(first, labels)
 
 
-def _score(student: torch.nn.Module, data: _Data, rows: np.ndarray) -> float:
-    """Held-out fidelity of `student` to the teacher: top-1 agreement for logits, else cosine."""
+def _score(
+    student: torch.nn.Module, data: _Data, rows: np.ndarray, options: DistillOptions
+) -> tuple[float, float]:
+    """Held-out (fidelity, -KD loss): fidelity is top-1 agreement for logits, else cosine; loss breaks ties."""
     torch = require_torch("distillation")
     student.eval()
     with torch.no_grad():
         outs = _as_list(student(*[torch.from_numpy(x[rows]) for x in data.inputs]))
-    reference = data.targets[0][rows]
-    candidate = outs[0].numpy().reshape(reference.shape)
+        targets = [torch.from_numpy(t[rows]) for t in data.targets]
+        loss = -float(_loss(outs, targets, None, data, options))
+    return _fidelity(data.targets[0][rows], outs[0].numpy()), loss
+
+
+def _fidelity(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Top-1 agreement for logits, else mean cosine similarity."""
+    candidate = candidate.reshape(reference.shape)
     if _is_logits(reference):
         return float(np.mean(reference.argmax(1) == candidate.argmax(1)))
-    ref, cand = reference.reshape(len(rows), -1), candidate.reshape(len(rows), -1)
+    ref, cand = reference.reshape(len(reference), -1), candidate.reshape(len(reference), -1)
     norms = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-12)
     return float(np.mean(np.sum(ref * cand, axis=1) / norms))
 
@@ -172,7 +194,7 @@ def _epoch(student: Any, optimizer: Any, data: _Data, options: DistillOptions, g
         outputs = _as_list(student(*[torch.from_numpy(x[idx]) for x in data.inputs]))
         targets = [torch.from_numpy(t[idx]) for t in data.targets]
         labels = None if data.labels is None else torch.from_numpy(np.asarray(data.labels)[idx]).long()
-        loss = _loss(outputs, targets, labels, options)
+        loss = _loss(outputs, targets, labels, data, options)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -188,13 +210,16 @@ def train_student(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(student.parameters(), lr=options.learning_rate)
-    start = best = _score(student, data, data.holdout)
+    start = best = _score(student, data, data.holdout, options)
     best_state, best_epoch, stale, history = copy.deepcopy(student.state_dict()), 0, 0, []
     for epoch in range(1, options.epochs + 1):
         loss = _epoch(student, optimizer, data, options, generator)
-        score = _score(student, data, data.holdout)
-        history.append({"epoch": epoch, "loss": round(loss, 6), "holdout_fidelity": round(score, 6)})
-        log(f"distill epoch {epoch}/{options.epochs}  loss {loss:.4f}  held-out fidelity {score:.4f}")
+        score = _score(student, data, data.holdout, options)
+        history.append({"epoch": epoch, "loss": round(loss, 6), "holdout_fidelity": round(score[0], 6)})
+        log(
+            f"distill epoch {epoch}/{options.epochs}  loss {loss:.4f}  "
+            f"held-out fidelity {score[0]:.4f}  held-out KD loss {-score[1]:.4f}"
+        )
         if score > best or best_epoch == 0:
             best, best_state, best_epoch, stale = score, copy.deepcopy(student.state_dict()), epoch, 0
         else:
@@ -203,8 +228,13 @@ def train_student(
                 log(f"distill: early stop after epoch {epoch}, best epoch {best_epoch}")
                 break
     student.load_state_dict(best_state)
-    summary = {"holdout_fidelity_start": start, "holdout_fidelity": best, "best_epoch": best_epoch,
-               "epochs_run": len(history), "history": history}
+    summary = {
+        "holdout_fidelity_start": start[0],
+        "holdout_fidelity": best[0],
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "history": history,
+    }
     return student.eval(), summary
 
 
@@ -269,4 +299,3 @@ def _summary_line(report: dict[str, Any]) -> str:
         f"MACs {report.get('macs_before')} -> {report.get('macs_after')}, "
         f"bytes {report['bytes_before']} -> {report['bytes_after']}, fidelity {agreement:.4f}"
     )
-

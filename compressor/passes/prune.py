@@ -106,8 +106,11 @@ def _smallest_mask(values: np.ndarray, fraction: float) -> np.ndarray:
 
 def _masks(arrays: dict[str, np.ndarray], options: MagnitudePruneOptions) -> dict[str, np.ndarray]:
     """Which entries of each weight array to zero."""
-    masks = {name: _smallest_mask(np.abs(a), options.layer_sparsity[name])
-             for name, a in arrays.items() if name in options.layer_sparsity}
+    masks = {
+        name: _smallest_mask(np.abs(a), options.layer_sparsity[name])
+        for name, a in arrays.items()
+        if name in options.layer_sparsity
+    }
     pool = {name: a for name, a in arrays.items() if name not in masks}
     if options.scope is PruneScope.PER_LAYER:
         masks |= {name: _smallest_mask(np.abs(a), options.sparsity) for name, a in pool.items()}
@@ -188,7 +191,7 @@ class StructuredPruneOptions:
     """Fraction of channels removed from every prunable layer group (output layers are kept)."""
     round_to: int | None = None
     """Keep channel counts multiples of this (e.g. 8 or 16 for SIMD kernels), if set."""
-    finetune: DistillOptions = DistillOptions(epochs=10, patience=4)
+    finetune: DistillOptions = field(default_factory=lambda: DistillOptions(epochs=10, patience=4))
     """Distillation from the unpruned model that recovers accuracy; epochs=0 skips it."""
 
 
@@ -211,8 +214,11 @@ class StructuredPrunePass:
         """Slim a copy of `model` by `ratio` of its channels and fine-tune it against the original."""
         _check_fraction(self.options.ratio, "ratio")
         train = replace(
-            self.options.finetune, student=None, width=1.0 - self.options.ratio,
-            round_to=self.options.round_to, reinit=False,
+            self.options.finetune,
+            student=None,
+            width=1.0 - self.options.ratio,
+            round_to=self.options.round_to,
+            reinit=False,
         )
         pruned, training = distill_model(model, ctx, train)
         report = {

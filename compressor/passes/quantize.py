@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -68,10 +69,14 @@ class Candidate:
     label: str
     int8_nodes: tuple[str, ...]
     model: onnx.ModelProto
+    """The artifact: names shortened, ready to ship."""
+    named_model: onnx.ModelProto
+    """The same graph with the original tensor names (for per-tensor error measurement)."""
+    session: ort.InferenceSession
     size: int
     fidelity: Fidelity
-    latency_ratio: float | None = None
-    """Median latency relative to the pass's input model, timed interleaved."""
+    latency_ratio: float = math.nan
+    """Median latency relative to the pass's input model, timed interleaved (NaN until timed)."""
 
     def row(self) -> dict[str, Any]:
         """The candidate as one line of the report."""
@@ -297,7 +302,7 @@ class _Search:
         tensors = sorted({t for name in candidate.int8_nodes for t in (by_name[name].input[0], by_name[name].output[0])})
         samples = list(self.ctx.validation[:4])
         float_values = _tensor_values(self.model, tensors, samples, self.ctx.profile)
-        quant_values = _tensor_values(candidate.model_unshrunk, tensors, samples, self.ctx.profile)
+        quant_values = _tensor_values(candidate.named_model, tensors, samples, self.ctx.profile)
         damage = {}
         for name in candidate.int8_nodes:
             node = by_name[name]
@@ -308,15 +313,12 @@ class _Search:
 
     def evaluate(self, label: str, int8_nodes: tuple[str, ...]) -> Candidate:
         """Build a candidate and measure its size and fidelity (not its latency)."""
-        unshrunk = self.build(int8_nodes)
-        model = shrink_names(unshrunk)
+        named = self.build(int8_nodes)
+        model = shrink_names(named)
         model_bytes = model.SerializeToString()
         session = make_session(model_bytes, self.ctx.profile)
         result = fidelity(self.reference, run_all(session, self.ctx.validation), self.ctx.labels)
-        candidate = Candidate(label, int8_nodes, model, len(model_bytes), result)
-        candidate.model_unshrunk = unshrunk  # type: ignore[attr-defined]
-        candidate.session = session  # type: ignore[attr-defined]
-        return candidate
+        return Candidate(label, int8_nodes, model, named, session, len(model_bytes), result)
 
     def build(self, int8_nodes: tuple[str, ...]) -> onnx.ModelProto:
         """The model with int8 compute on `int8_nodes` and int8 storage for every other weight."""
@@ -372,7 +374,7 @@ class _Search:
     def time(self, candidates: list[Candidate]) -> None:
         """Set each candidate's latency ratio against the input model, timed interleaved."""
         sessions = {"reference": self.reference_session}
-        sessions.update({str(i): c.session for i, c in enumerate(candidates)})  # type: ignore[attr-defined]
+        sessions.update({str(i): c.session for i, c in enumerate(candidates)})
         medians = compare_latency(sessions, self.timing_feed)
         for index, candidate in enumerate(candidates):
             candidate.latency_ratio = medians[str(index)] / medians["reference"]

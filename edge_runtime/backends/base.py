@@ -43,6 +43,8 @@ def is_free_dim(dim: int | str | None) -> bool:
 
 def check_feed_names(specs: tuple[TensorSpec, ...], feeds: Mapping[str, np.ndarray]) -> None:
     """Raise RequestError unless `feeds` holds exactly the inputs `specs` names."""
+    if len(feeds) == len(specs) and all(spec.name in feeds for spec in specs):
+        return
     expected = [spec.name for spec in specs]
     missing = [name for name in expected if name not in feeds]
     if missing:

@@ -19,11 +19,10 @@ __all__ = ["OnnxBackend", "choose_providers"]
 
 log = logging.getLogger(__name__)
 
-_ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
-    value
-    for value in vars(ort_state).values()
-    if isinstance(value, type) and issubclass(value, Exception)
+_ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    value for value in vars(ort_state).values() if isinstance(value, type) and issubclass(value, Exception)
 )
+_RUN_ERRORS: tuple[type[Exception], ...] = (*_ORT_ERRORS, ValueError, TypeError)
 _ELEMENT_TYPES = {
     "tensor(float)": "float32",
     "tensor(double)": "float64",
@@ -96,8 +95,12 @@ class OnnxBackend:
         try:
             session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
         except _ORT_ERRORS as exc:
-            raise ModelError(f"{manifest.name} {manifest.version}: ONNX Runtime cannot load the model: {exc}") from exc
-        log.info("loaded %s %s with %s, %d intra-op threads", manifest.name, manifest.version, providers, count)
+            raise ModelError(
+                f"{manifest.name} {manifest.version}: ONNX Runtime cannot load the model: {exc}"
+            ) from exc
+        log.info(
+            "loaded %s %s with %s, %d intra-op threads", manifest.name, manifest.version, providers, count
+        )
         return cls(session)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -108,7 +111,7 @@ class OnnxBackend:
         check_feed_names(self.inputs, feeds)
         try:
             values = session.run(self._output_names, dict(feeds))
-        except (*_ORT_ERRORS, ValueError, TypeError) as exc:
+        except _RUN_ERRORS as exc:
             raise RequestError(f"the model cannot run on this input: {exc}") from exc
         return dict(zip(self._output_names, values, strict=True))
 

@@ -113,7 +113,9 @@ class TfliteBackend:
             interpreter = interpreter_class(model_content=bytes(model_bytes), num_threads=count or None)
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"{manifest.name} {manifest.version}: TFLite cannot load the model: {exc}") from exc
+            raise ModelError(
+                f"{manifest.name} {manifest.version}: TFLite cannot load the model: {exc}"
+            ) from exc
         log.info("loaded %s %s with TFLite, %s threads", manifest.name, manifest.version, count or "default")
         return cls(interpreter)
 
@@ -122,9 +124,12 @@ class TfliteBackend:
         value = np.asarray(value)
         name = slot.spec.name
         if value.ndim != len(slot.spec.shape) or any(
-            not is_free_dim(want) and want != got for want, got in zip(slot.spec.shape, value.shape, strict=True)
+            not is_free_dim(want) and want != got
+            for want, got in zip(slot.spec.shape, value.shape, strict=True)
         ):
-            raise RequestError(f"input '{name}' has shape {list(value.shape)}, the model takes {list(slot.spec.shape)}")
+            raise RequestError(
+                f"input '{name}' has shape {list(value.shape)}, the model takes {list(slot.spec.shape)}"
+            )
         if slot.scale:
             if value.dtype.kind != "f":
                 raise RequestError(f"input '{name}' must be float, got {value.dtype}")

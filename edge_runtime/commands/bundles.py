@@ -25,9 +25,19 @@ def profiles(name: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in found], indent=2, default=str))
         return
-    rows = [(p.name, p.hardware.arch, str(p.runtime.engine), p.quantization.name + (" rr" if p.quantization.reduce_range else ""),
-             f"{p.hardware.ram_mb} MB", f"{p.budgets.max_model_bytes / 1e6:g} MB", f"{p.budgets.max_accuracy_drop_pp} pp",
-             p.description) for p in found]
+    rows = [
+        (
+            p.name,
+            p.hardware.arch,
+            str(p.runtime.engine),
+            p.quantization.name + (" rr" if p.quantization.reduce_range else ""),
+            f"{p.hardware.ram_mb} MB",
+            f"{p.budgets.max_model_bytes / 1e6:g} MB",
+            f"{p.budgets.max_accuracy_drop_pp} pp",
+            p.description,
+        )
+        for p in found
+    ]
     header = ("name", "arch", "engine", "int8", "ram", "max model", "max drop", "description")
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
     for row in (header, *rows):
@@ -43,7 +53,9 @@ def keygen(output_dir: Path, name: str, force: bool) -> None:
     from edge_runtime.signing import generate_keypair, key_id, load_public_key
 
     private_path, public_path = generate_keypair(output_dir, name, force=force)
-    click.echo(f"wrote {private_path} (keep secret) and {public_path} (key id {key_id(load_public_key(public_path))})")
+    click.echo(
+        f"wrote {private_path} (keep secret) and {public_path} (key id {key_id(load_public_key(public_path))})"
+    )
 
 
 @click.command()
@@ -57,8 +69,10 @@ def inspect(bundle: Path, as_json: bool) -> None:
     if as_json:
         click.echo(manifest.to_json().decode())
         return
-    click.echo(f"{manifest.name} version {manifest.version} for {manifest.profile} ({manifest.engine}), "
-               f"signed by key {manifest.signer or '-'} on {manifest.created}")
+    click.echo(
+        f"{manifest.name} version {manifest.version} for {manifest.profile} ({manifest.engine}), "
+        f"signed by key {manifest.signer or '-'} on {manifest.created}"
+    )
     for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
         for spec in specs:
             click.echo(f"  {kind:6} {spec.name}: {spec.dtype} {list(spec.shape)}")
@@ -86,7 +100,9 @@ def verify(bundle: Path, key_path: Path, profile_name: str | None, no_selftest: 
 
     loaded = read_bundle(bundle, load_public_key(key_path))
     manifest = loaded.manifest
-    click.echo(f"{bundle}: signature OK (key {loaded.signed_by}), {len(manifest.files)} members match their sha256")
+    click.echo(
+        f"{bundle}: signature OK (key {loaded.signed_by}), {len(manifest.files)} members match their sha256"
+    )
     if no_selftest or manifest.golden is None:
         return
     profile = load_profile(profile_name or manifest.profile)

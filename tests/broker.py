@@ -1,0 +1,272 @@
+"""A real Mosquitto broker on a free 127.0.0.1 port for the MQTT tests, plus a small paho probe client.
+
+The `broker` fixture skips the test when the `mosquitto` binary is missing, unless
+EDGE_REQUIRE_MOSQUITTO=1 (CI), which makes that a failure. The broker can be stopped and started
+again mid-test on the same port (outage tests).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+__all__ = ["Broker", "Probe", "Received", "broker_fixture", "eventually", "free_port", "require_binary"]
+
+HOST = "127.0.0.1"
+
+
+def require_binary(name: str) -> str:
+    """The path of a Mosquitto binary; skip (or fail with EDGE_REQUIRE_MOSQUITTO=1) when missing."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        message = f"'{name}' is not installed (apt-get install mosquitto mosquitto-clients)"
+        if os.environ.get("EDGE_REQUIRE_MOSQUITTO") == "1":
+            pytest.fail(message + "; EDGE_REQUIRE_MOSQUITTO=1 makes this a failure")
+        pytest.skip(message)
+    return path
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll `predicate` until it holds; fail after `timeout` seconds (a bound, not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class Broker:
+    """One mosquitto process with a generated config; `stop()` / `start()` keep the port."""
+
+    def __init__(self, directory: Path, *, persistence: bool = False) -> None:
+        self.binary = require_binary("mosquitto")
+        self.directory = directory
+        self.port = free_port()
+        self.persistence = persistence
+        self.process: subprocess.Popen | None = None
+        self.config = directory / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} {HOST}",
+            "allow_anonymous true",
+            f"persistence {'true' if persistence else 'false'}",
+            f"persistence_location {directory}/",
+            "max_queued_messages 100000",
+            "log_type error",
+            "log_type warning",
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT."""
+        return f"{HOST}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start mosquitto and wait until it accepts connections."""
+        log = open(self.directory / "mosquitto.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {(self.directory / 'mosquitto.log').read_text()}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not listen on {self.address} within {timeout} s")
+
+    def stop(self) -> None:
+        """Stop mosquitto (SIGTERM: it saves its persistence file, if any) and wait for it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture(name="broker")
+def broker_fixture(tmp_path: Path) -> Iterator[Broker]:
+    """A running Mosquitto on a free loopback port (persistence off), stopped after the test."""
+    (tmp_path / "broker").mkdir()
+    instance = Broker(tmp_path / "broker")
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message a probe received."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    correlation_data: bytes | None
+
+
+class Probe:
+    """A plain paho client for tests: subscribes, records what arrives, publishes."""
+
+    def __init__(self, broker: Broker, *, protocol: int = 5, client_id: str = "", clean: bool = True) -> None:
+        version = MQTTProtocolVersion.MQTTv5 if protocol == 5 else MQTTProtocolVersion.MQTTv311
+        clean_session = None if protocol == 5 else clean
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version,
+                                  clean_session=clean_session)  # fmt: skip
+        self.protocol = protocol
+        self.received: list[Received] = []
+        self._changed = threading.Condition()
+        self._connected = threading.Event()
+        self._filters: list[tuple[str, int]] = []
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]
+        properties = None
+        if protocol == 5 and not clean:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 3600
+        if protocol == 5:
+            self.client.connect(HOST, broker.port, keepalive=10, clean_start=clean, properties=properties)
+        else:
+            self.client.connect(HOST, broker.port, keepalive=10)
+        self.client.loop_start()
+        assert self._connected.wait(10), "probe could not connect"
+
+    def _on_connect(self, client: paho.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+        for topic, qos in self._filters:
+            client.subscribe(topic, qos)
+        self._connected.set()
+
+    def _on_message(self, _c: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
+        props = message.properties if self.protocol == 5 else None
+        item = Received(
+            message.topic, message.payload, bool(message.retain), getattr(props, "CorrelationData", None)
+        )
+        with self._changed:
+            self.received.append(item)
+            self._changed.notify_all()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe and wait for the SUBACK."""
+        self._filters.append((topic, qos))
+        done = threading.Event()
+        self.client.on_subscribe = lambda *_args: done.set()
+        self.client.subscribe(topic, qos)
+        assert done.wait(10), f"no SUBACK for {topic}"
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> None:
+        """Publish and wait until the broker has it."""
+        properties = None
+        if response_topic or correlation_data:
+            properties = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation_data:
+                properties.CorrelationData = correlation_data
+        self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties).wait_for_publish(
+            10
+        )
+
+    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 15.0) -> list[Received]:
+        """Wait until `predicate(received)` holds; return a copy of what was received."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self.received):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out; received {len(self.received)}: {self.received[-5:]}")
+                self._changed.wait(left)
+            return list(self.received)
+
+    def on(self, topic: str, count: int = 1, timeout: float = 15.0) -> list[Received]:
+        """Wait for `count` messages on `topic` and return them."""
+        got = self.wait_for(lambda items: sum(item.topic == topic for item in items) >= count, timeout)
+        return [item for item in got if item.topic == topic]
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def install_models(store_dir: Path, public_key: object, profile: object, bundles: list[Path]) -> None:
+    """Install and activate bundles in a model store folder."""
+    from edge_runtime.store import ModelStore
+
+    store = ModelStore(store_dir, public_key, profile)  # type: ignore[arg-type]
+    for bundle in bundles:
+        manifest = store.install(bundle)
+        store.activate(manifest.name, manifest.version)
+
+
+def write_daemon_config(
+    path: Path,
+    *,
+    device_id: str,
+    store: Path,
+    public_key: Path,
+    mqtt_port: int,
+    http_port: int = 0,
+    telemetry_s: float = 60.0,
+    outbox_max: int = 10000,
+    max_request_bytes: int = 1 << 20,
+    extra: str = "",
+) -> Path:
+    """A daemon settings file for tests (MQTT reconnects fast, HTTP on `http_port`)."""
+    path.write_text(
+        f"""
+device_id = "{device_id}"
+profile = "x86-vnni-gateway"
+store = "{store}"
+public_key = "{public_key}"
+max_request_bytes = {max_request_bytes}
+
+[http]
+port = {http_port}
+
+[mqtt]
+host = "{HOST}"
+port = {mqtt_port}
+keepalive = 5
+reconnect_min_s = 0.1
+reconnect_max_s = 0.5
+
+[telemetry]
+interval_s = {telemetry_s}
+
+[outbox]
+path = "{path.parent / (device_id + "-outbox.sqlite")}"
+max_records = {outbox_max}
+{extra}
+"""
+    )
+    return path

@@ -1,0 +1,106 @@
+"""The on-disk outbox: FIFO, bound with counted drops, survives a killed process, delivers in order."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.errors import UsageError
+from edge_runtime.mqtt_link import MqttLink
+from edge_runtime.outbox import Outbox, OutboxSender
+from edge_runtime.settings import MqttSettings
+from tests.broker import Broker, Probe, broker_fixture, eventually  # noqa: F401 (fixture)
+
+
+def test_fifo_peek_and_remove(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite", max_records=10)
+    seqs = [outbox.put("t", b"m%d" % i) for i in range(5)]
+    assert seqs == sorted(seqs) and len(outbox) == 5
+    assert [r.payload for r in outbox.peek(0, 3)] == [b"m0", b"m1", b"m2"]
+    assert [r.payload for r in outbox.peek(seqs[2], 10)] == [b"m3", b"m4"]
+    outbox.remove([seqs[0], seqs[1], 999])
+    assert [r.payload for r in outbox.peek(0, 10)] == [b"m2", b"m3", b"m4"] and len(outbox) == 3
+
+
+def test_bound_drops_oldest_and_counts_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    outbox = Outbox(path, max_records=4)
+    for i in range(10):
+        outbox.put("t", b"%d" % i)
+    assert [r.payload for r in outbox.peek(0, 100)] == [b"6", b"7", b"8", b"9"]
+    assert outbox.dropped == 6
+    outbox.close()
+    reopened = Outbox(path, max_records=4)
+    assert reopened.dropped == 6 and len(reopened) == 4
+    reopened.put("t", b"10")
+    assert reopened.dropped == 7 and [r.payload for r in reopened.peek(0, 1)] == [b"7"]
+
+
+def test_file_is_wal_with_full_sync(tmp_path: Path) -> None:
+    Outbox(tmp_path / "o.sqlite", max_records=4).put("t", b"x")
+    db = sqlite3.connect(tmp_path / "o.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_bad_bound_and_unwritable_path(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="max_records"):
+        Outbox(tmp_path / "o.sqlite", max_records=0)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="cannot open outbox"):
+        Outbox(tmp_path / "file" / "o.sqlite", max_records=4)
+
+
+def test_records_survive_a_killed_process(tmp_path: Path) -> None:
+    """Every put() that returned before SIGKILL is still in the file afterwards."""
+    path = tmp_path / "o.sqlite"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from edge_runtime.outbox import Outbox
+        box = Outbox({str(path)!r}, max_records=100000)
+        for i in range(100000):
+            seq = box.put("t", b"%d" % i)
+            print(seq, flush=True)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    acknowledged = [int(child.stdout.readline()) for _ in range(200)]  # type: ignore[union-attr]
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    stored = {record.seq for record in Outbox(path, max_records=100000).peek(0, 1_000_000)}
+    assert set(acknowledged) <= stored
+
+
+def test_sender_delivers_in_order_removes_acked_and_resends_after_restart(
+    tmp_path: Path,
+    broker: Broker,
+) -> None:
+    probe = Probe(broker)
+    probe.subscribe("out/#")
+    path = tmp_path / "o.sqlite"
+    first = Outbox(path, max_records=1000)
+    for i in range(50):
+        first.put(f"out/{i % 3}", json.dumps({"i": i}).encode())
+    first.close()  # "power cut" before anything was sent: the next process sends them
+    outbox = Outbox(path, max_records=1000)
+    link = MqttLink(MqttSettings(port=broker.port, reconnect_min_s=0.1, reconnect_max_s=0.5), "outbox-test")
+    sender = OutboxSender(outbox, link, window=8)
+    link.add_connection_listener(lambda _up: sender.notify())
+    link.start()
+    sender.start()
+    for i in range(50, 80):
+        outbox.put(f"out/{i % 3}", json.dumps({"i": i}).encode())
+        sender.notify()
+    got = probe.wait_for(lambda items: len(items) >= 80)
+    assert [json.loads(item.payload)["i"] for item in got] == list(range(80))
+    eventually(lambda: len(outbox) == 0, what="acked records removed")
+    sender.stop()
+    link.stop()
+    probe.close()

@@ -1,0 +1,120 @@
+"""The v2 codec on its own: JSON and binary tensors, strict datatypes, errors naming the tensor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_runtime import v2codec
+from edge_runtime.dataplane import InferRequest, InferResponse
+from edge_runtime.errors import RequestError
+from edge_runtime.v2codec import (
+    HEADER_LENGTH,
+    decode_infer_request,
+    decode_infer_response,
+    decode_request,
+    encode_infer_request,
+    encode_infer_response,
+)
+
+
+@pytest.fixture(autouse=True, params=["orjson", "stdlib"])
+def json_library(request, monkeypatch):
+    """Every codec test runs with orjson (when installed) and with the standard library json."""
+    if request.param == "stdlib":
+        monkeypatch.setattr(v2codec, "orjson", None)
+    elif v2codec.orjson is None:
+        pytest.skip("orjson is not installed")
+    return request.param
+
+
+def body(*inputs, **extra) -> bytes:
+    return json.dumps({"inputs": list(inputs), **extra}).encode()
+
+
+def tensor(name="x", datatype="FP32", shape=(2, 2), data=(1, 2, 3, 4)):
+    return {
+        "name": name,
+        "datatype": datatype,
+        "shape": list(shape),
+        "data": data if data is None else list(data),
+    }
+
+
+def test_flat_and_nested_data_decode_row_major():
+    flat = decode_infer_request(body(tensor()), "m", None).inputs["x"]
+    nested = decode_infer_request(body(tensor(data=[[1, 2], [3, 4]])), "m", "3").inputs["x"]
+    assert flat.dtype == np.float32 and flat.tolist() == [[1, 2], [3, 4]]
+    np.testing.assert_array_equal(flat, nested)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (tensor(datatype="INT8", data=[1, 2, 3, 300]), "out of range for INT8"),
+        (tensor(datatype="INT32", data=[1.5, 2, 3, 4]), "'f'-kind values, not INT32"),
+        (tensor(datatype="BOOL", data=[1, 0, 1, 0]), "not BOOL"),
+        (tensor(datatype="BYTES"), "BYTES tensors are not supported"),
+        (tensor(datatype="FP99"), "unknown datatype"),
+        (tensor(shape=(2, -1)), "non-negative"),
+        (tensor(data=[[1, 2], [3]]), "regular"),
+        (tensor(data=["a", "b", "c", "d"]), "not FP32"),
+        ({"datatype": "FP32"}, "string 'name'"),
+    ],
+)
+def test_bad_tensors_are_request_errors_naming_the_tensor(item, message):
+    with pytest.raises(RequestError, match=message) as info:
+        decode_infer_request(body(item), "m", None)
+    if "name" in item:
+        assert "'x'" in str(info.value)
+
+
+def test_bool_and_int_tensors_decode():
+    request = decode_infer_request(
+        body(tensor("b", "BOOL", (1, 2), [True, False]), tensor("i", "INT64", (3,), [1, -2, 3])), "m", None
+    )
+    assert request.inputs["b"].dtype == np.bool_ and request.inputs["b"].tolist() == [[True, False]]
+    assert request.inputs["i"].dtype == np.int64 and request.inputs["i"].tolist() == [1, -2, 3]
+
+
+def test_binary_request_round_trip_and_requested_outputs():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    mask = np.array([1, 0, 255], dtype=np.uint8)
+    request = InferRequest(model="m", inputs={"x": x, "mask": mask}, id="7", outputs=("y",))
+    raw, headers = encode_infer_request(request, binary_inputs=True)
+    decoded = decode_request(raw, "m", None, header_length=int(headers[HEADER_LENGTH]))
+    np.testing.assert_array_equal(decoded.request.inputs["x"], x)
+    np.testing.assert_array_equal(decoded.request.inputs["mask"], mask)
+    assert decoded.request.id == "7" and decoded.request.outputs == ("y",)
+    assert decoded.binary_outputs == frozenset()
+
+
+def test_binary_length_mismatches_are_refused():
+    head = body({"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}})
+    with pytest.raises(RequestError, match="ends before"):
+        decode_infer_request(head + b"\0" * 4, "m", None, header_length=len(head))
+    with pytest.raises(RequestError, match="belong to no input"):
+        decode_infer_request(head + b"\0" * 12, "m", None, header_length=len(head))
+    with pytest.raises(RequestError, match="outside the body"):
+        decode_infer_request(head, "m", None, header_length=len(head) + 1)
+
+
+def test_binary_output_choice_follows_the_request():
+    doc = body(tensor(), outputs=[{"name": "a", "parameters": {"binary_data": True}}, {"name": "b"}])
+    assert decode_request(doc, "m", None).binary_outputs == frozenset({"a"})
+    everything = body(tensor(), parameters={"binary_data_output": True})
+    assert decode_request(everything, "m", None).binary_outputs is True
+
+
+@pytest.mark.parametrize("binary", [False, True, frozenset({"a"})])
+def test_response_round_trip(binary):
+    outputs = {"a": np.array([[0.25, 0.75]], np.float32), "b": np.array([3, 4], np.int64)}
+    raw, headers = encode_infer_response(InferResponse("m", "2", outputs, id="q"), binary_outputs=binary)
+    length = int(headers[HEADER_LENGTH]) if headers else None
+    decoded = decode_infer_response(raw, header_length=length)
+    assert (decoded.model, decoded.version, decoded.id) == ("m", "2", "q")
+    for name, value in outputs.items():
+        assert decoded.outputs[name].dtype == value.dtype
+        np.testing.assert_array_equal(decoded.outputs[name], value)

@@ -1,0 +1,426 @@
+"""Benchmark: fp32 vs ONNX Runtime `quantize_static` defaults vs our compressor, on real models.
+
+Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec]
+
+Every candidate is timed interleaved with its fp32 model in this process (batch 1, one intra-op
+thread) and judged on held-out samples the compressor never saw (it gets a separate tuning split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tools import zoo
+
+__all__ = ["MODELS", "Candidate", "Row", "Task", "build_task", "host_description", "main"]
+
+Feed = dict[str, np.ndarray]
+MODELS = ("digits", "cls", "det", "rec")
+DET_THRESHOLD = 0.3
+# (calibration, tuning, evaluation) sample counts, full and --quick.
+_SPLITS = {
+    "cls": ((128, 300, 600), (32, 100, 200)),
+    "det": ((32, 40, 60), (8, 12, 20)),
+    "rec": ((64, 100, 300), (16, 40, 80)),
+}
+
+
+class Kind(StrEnum):
+    """How a model's outputs are judged."""
+
+    CLASSIFIER = "classifier"
+    DETECTOR = "detector"
+    RECOGNIZER = "recognizer"
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """A model with calibration, tuning (given to the compressor) and evaluation data."""
+
+    name: str
+    model_path: Path
+    kind: Kind
+    calibration: list[Feed]
+    tuning: list[Feed]
+    evaluation: list[Feed]
+    tuning_labels: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    texts: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way of compressing a model: its bytes and load options, or why there are none."""
+
+    variant: str
+    model_bytes: bytes | None
+    session_config: dict[str, str] = field(default_factory=dict)
+    failure: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the result table."""
+
+    model: str
+    variant: str
+    size: str
+    smaller: str
+    latency: str
+    task_metric: str
+    agreement: str
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def _split_calls(name: str, quick: bool) -> tuple[int, int, int]:
+    return _SPLITS[name][1 if quick else 0]
+
+
+def build_task(name: str, quick: bool, workdir: Path) -> Task:
+    """Model and data for one benchmark model (`digits`, `cls`, `det` or `rec`)."""
+    if name == "digits":
+        digits = zoo.digits_task()
+        path = workdir / "digits.onnx"
+        path.write_bytes(digits.model)
+        return Task(
+            name,
+            path,
+            Kind.CLASSIFIER,
+            digits.calibration,
+            digits.tuning,
+            digits.validation,
+            digits.tuning_labels,
+            digits.labels,
+        )
+    n_cal, n_tune, n_eval = _split_calls(name, quick)
+    if name == "cls":
+        calibration, _ = zoo.text_direction_dataset(n_cal, seed=101)
+        tuning, tuning_labels = zoo.text_direction_dataset(n_tune, seed=102)
+        evaluation, labels = zoo.text_direction_dataset(n_eval, seed=103)
+        return Task(
+            name,
+            zoo.ppocr_model("cls"),
+            Kind.CLASSIFIER,
+            calibration,
+            tuning,
+            evaluation,
+            tuning_labels,
+            labels,
+        )
+    if name == "det":
+        return Task(
+            name,
+            zoo.ppocr_model("det"),
+            Kind.DETECTOR,
+            zoo.detection_dataset(n_cal, seed=201),
+            zoo.detection_dataset(n_tune, seed=202),
+            zoo.detection_dataset(n_eval, seed=203),
+        )
+    if name == "rec":
+        evaluation, texts = zoo.recognition_lines(n_eval, seed=303)
+        return Task(
+            name,
+            zoo.ppocr_model("rec"),
+            Kind.RECOGNIZER,
+            zoo.recognition_dataset(n_cal, seed=301),
+            zoo.recognition_dataset(n_tune, seed=302),
+            evaluation,
+            texts=texts,
+        )
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+# ---------------------------------------------------------------- candidates
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: Sequence[Feed]) -> None:
+        self._feeds = list(feeds)
+        self._next = 0
+
+    def get_next(self) -> Feed | None:
+        if self._next >= len(self._feeds):
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
+
+    def rewind(self) -> None:
+        self._next = 0
+
+
+def _short(exc: BaseException, limit: int = 110) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if lines:
+        text = f"{type(exc).__name__}: {lines[-1]}"
+    else:  # a bare assert: name where it fired
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        text = f"{type(exc).__name__} in {Path(frame.filename).name}:{frame.name}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pre_process(source: Path, out: Path) -> str:
+    """`quant_pre_process` with defaults; if its symbolic shape inference breaks, retry without it."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(source), str(out))
+        return "ORT pre_process + quantize_static"
+    except Exception:  # symbolic shape inference asserts on graphs it does not understand
+        quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
+        return "ORT pre_process(skip_symbolic_shape) + quantize_static"
+
+
+def ort_defaults(task: Task, workdir: Path, *, preprocess: bool) -> Candidate:
+    """`quantize_static(model, out, reader)` with every default, optionally after `quant_pre_process`."""
+    from onnxruntime.quantization import quantize_static
+
+    variant = "ORT pre_process + quantize_static" if preprocess else "ORT quantize_static defaults"
+    source, started = task.model_path, time.perf_counter()
+    out = workdir / f"{task.name}.{'pre.' if preprocess else ''}ort.onnx"
+    try:
+        with contextlib.chdir(workdir):  # symbolic shape inference drops temp files into the cwd
+            if preprocess:
+                source = workdir / f"{task.name}.pre.onnx"
+                variant = _pre_process(task.model_path, source)
+            quantize_static(str(source), str(out), _Reader(task.calibration))
+    except Exception as exc:  # ORT raises many unrelated types; the reason is what we report
+        return Candidate(variant, None, failure=f"fails: {_short(exc)}")
+    return Candidate(variant, out.read_bytes(), seconds=time.perf_counter() - started)
+
+
+def _weights_in_constants(path: Path) -> bool:
+    """True for graphs that hold their weights in Constant nodes (no initializers), as Paddle exports do."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return not model.graph.initializer and any(n.op_type == "Constant" for n in model.graph.node)
+
+
+def ours(task: Task, profile_name: str, workdir: Path, log: Callable[[str], object]) -> Candidate:
+    """Our compressor (`compressor.pipeline.compress`), or why it produced nothing."""
+    started = time.perf_counter()
+    try:
+        from compressor.pipeline import compress
+        from edge_runtime.errors import EdgeError
+        from edge_runtime.profiles import load_profile
+    except ImportError as exc:
+        return Candidate("ours", None, failure=f"not available: {_short(exc)}")
+    try:
+        result = compress(
+            task.model_path,
+            load_profile(profile_name),
+            task.calibration,
+            validation=task.tuning,
+            labels=task.tuning_labels,
+            workdir=workdir,
+            log=log,
+        )
+    except EdgeError as exc:
+        return Candidate("ours", None, failure=f"refused: {_short(exc, 200)}")
+    return Candidate(
+        "ours", result.model_bytes, dict(result.session_config), seconds=time.perf_counter() - started
+    )
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def session(model: bytes | Path, config: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A CPU session as a device loads the model: one intra-op thread, sequential."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def latency_ratio(
+    reference: ort.InferenceSession, candidate: ort.InferenceSession, feed: Feed, runs: int
+) -> tuple[float, float]:
+    """Median ms of the reference and candidate, timed alternately (order flips every run)."""
+    pair = (reference, candidate)
+    for _ in range(max(5, runs // 10)):
+        for s in pair:
+            s.run(None, feed)
+    times: tuple[list[float], list[float]] = ([], [])
+    for index in range(runs):
+        order = (0, 1) if index % 2 == 0 else (1, 0)
+        for which in order:
+            started = time.perf_counter()
+            pair[which].run(None, feed)
+            times[which].append(time.perf_counter() - started)
+    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
+
+
+def _outputs(s: ort.InferenceSession, feeds: Sequence[Feed]) -> list[np.ndarray]:
+    return [s.run(None, feed)[0] for feed in feeds]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    norm = np.linalg.norm(a64) * np.linalg.norm(b64)
+    return float(a64 @ b64 / norm) if norm else float(np.array_equal(a64, b64))
+
+
+def quality(task: Task, reference: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[str, str]:
+    """(task metric, agreement with fp32) as table cells."""
+    if task.kind is Kind.CLASSIFIER:
+        predicted = np.array([o.reshape(-1).argmax() for o in outputs])
+        agree = np.mean(predicted == np.array([o.reshape(-1).argmax() for o in reference]))
+        return f"accuracy {np.mean(predicted == task.labels):.2%}", f"top-1 {agree:.2%}"
+    if task.kind is Kind.DETECTOR:
+        cosine = np.mean([_cosine(r, o) for r, o in zip(reference, outputs, strict=True)])
+        ref_mask = np.stack(reference) > DET_THRESHOLD
+        mask = np.stack(outputs) > DET_THRESHOLD
+        iou = np.sum(ref_mask & mask) / max(1, np.sum(ref_mask | mask))
+        return "-", f"map cosine {cosine:.4f}, mask IoU@{DET_THRESHOLD} {iou:.3f}"
+    lines = [zoo.ctc_greedy_decode(o)[0] for o in outputs]
+    ref_lines = [zoo.ctc_greedy_decode(r)[0] for r in reference]
+    read = np.mean([line.strip() == text for line, text in zip(lines, task.texts or [], strict=True)])
+    same = np.mean([a == b for a, b in zip(lines, ref_lines, strict=True)])
+    steps = np.mean(
+        np.concatenate(
+            [(r.argmax(-1) == o.argmax(-1)).ravel() for r, o in zip(reference, outputs, strict=True)]
+        )
+    )
+    return f"read {read:.1%}", f"lines {same:.1%}, steps {steps:.2%}"
+
+
+def measure(
+    task: Task, candidate: Candidate, fp32: ort.InferenceSession, reference: list[np.ndarray], runs: int
+) -> Row:
+    """Size, latency ratio and quality of one candidate, as a table row."""
+    fp32_bytes = task.model_path.stat().st_size
+    if candidate.model_bytes is None:
+        return Row(task.name, candidate.variant, candidate.failure, "", "", "", "")
+    try:
+        s = session(candidate.model_bytes, candidate.session_config)
+        outputs = _outputs(s, task.evaluation)
+    except Exception as exc:  # a written model ORT cannot load or run is a result too
+        return Row(task.name, candidate.variant, f"fails to load/run: {_short(exc)}", "", "", "", "")
+    base_ms, cand_ms = latency_ratio(fp32, s, task.evaluation[0], runs)
+    metric, agreement = quality(task, reference, outputs)
+    size = len(candidate.model_bytes)
+    return Row(
+        task.name,
+        candidate.variant,
+        f"{size:,}",
+        f"{fp32_bytes / size:.2f}x",
+        f"{cand_ms / base_ms:.2f}x ({cand_ms:.3g} / {base_ms:.3g} ms)",
+        metric,
+        agreement,
+    )
+
+
+def benchmark_model(task: Task, args: argparse.Namespace, workdir: Path) -> list[Row]:
+    """Every candidate of one model, measured against its fp32 model."""
+    log = print if args.verbose else (lambda _line: None)
+    fp32 = session(task.model_path)
+    reference = _outputs(fp32, task.evaluation)
+    fp32_candidate = Candidate("fp32", task.model_path.read_bytes())
+    candidates = [fp32_candidate, ort_defaults(task, workdir, preprocess=False)]
+    if candidates[-1].model_bytes is None or _weights_in_constants(task.model_path):
+        candidates.append(ort_defaults(task, workdir, preprocess=True))
+    if not args.baseline_only:
+        candidates.append(ours(task, args.profile, workdir, log))
+    runs = args.runs or (60 if args.quick else 300 if task.name in ("digits", "cls") else 200)
+    return [measure(task, c, fp32, reference, runs) for c in candidates]
+
+
+# ---------------------------------------------------------------- output
+
+
+def host_description() -> str:
+    """CPU model name and the int8-relevant instruction sets from /proc/cpuinfo."""
+    name, flags = platform.processor() or platform.machine(), set[str]()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    marks = [f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx2", "avx512_vnni", "avx_vnni")]
+    return f"{name}; {', '.join(marks)}"
+
+
+def _table(rows: list[Row]) -> str:
+    head = (
+        "model",
+        "variant",
+        "bytes",
+        "x smaller",
+        "latency vs fp32 (candidate / fp32 ms)",
+        "task metric",
+        "agreement with fp32",
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(getattr(r, f) for f in Row.__dataclass_fields__) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS)
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer samples and timing runs")
+    parser.add_argument("--baseline-only", action="store_true", help="fp32 and ORT defaults only")
+    parser.add_argument("--profile", default="x86-vnni-gateway", help="device profile for our compressor")
+    parser.add_argument("--runs", type=int, default=0, help="timing runs per candidate (default 300/200)")
+    parser.add_argument("--verbose", action="store_true", help="show the compressor's log")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print the markdown table."""
+    args = _parse(argv)
+    command = "python -m tools.bench_compress " + shlex.join(sys.argv[1:] if argv is None else argv)
+    rows: list[Row] = []
+    counts = []
+    with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
+        for name in args.models:
+            print(f"[{name}] preparing data and compressing...", file=sys.stderr, flush=True)
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            task = build_task(name, args.quick, workdir)
+            counts.append(f"{name} {len(task.calibration)}/{len(task.tuning)}/{len(task.evaluation)}")
+            rows += benchmark_model(task, args, workdir)
+    print(f"host: {host_description()}; onnxruntime {ort.__version__}; profile {args.profile}")
+    print("latency: median of interleaved runs, batch 1, 1 intra-op thread; quality on held-out samples\n")
+    print(_table(rows))
+    print(f"\nsamples (calibration / tuning, given to ours / evaluation): {'; '.join(counts)}")
+    print(f"\ncommand: {command.strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
