@@ -12,7 +12,8 @@ from edge_runtime.profiles import DeviceProfile
 
 __all__ = ["write_result_bundle"]
 
-MODEL_MEMBER = {"onnxruntime": "model.onnx", "tflite": "model.tflite"}
+MODEL_MEMBER = {"onnx": "model.onnx", "tflite": "model.tflite"}
+"""Artifact format -> bundle member name."""
 
 
 def write_result_bundle(
@@ -27,7 +28,7 @@ def write_result_bundle(
 ) -> Manifest:
     """Write `result` as a signed bundle at `output`; returns the signed manifest."""
     engine = str(profile.runtime.engine)
-    model_file = MODEL_MEMBER[engine]
+    model_file = MODEL_MEMBER[result.artifact_format]
     manifest = Manifest(
         name=name,
         version=version,

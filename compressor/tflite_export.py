@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -35,15 +34,21 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressor.measure import fidelity
+from compressor.onnx_model import tensor_specs
 from compressor.passes._metrics import run_onnx
 from compressor.passes.base import CompressionContext, PassResult, Samples
+from edge_runtime.backends import load_backend
+from edge_runtime.backends.tflite import tflite_name
 from edge_runtime.errors import CompressionError, DataError
+from edge_runtime.manifest import Manifest
+from edge_runtime.profiles import DeviceProfile
 
 __all__ = [
     "SUPPORTED_OPS",
     "TFLiteExportPass",
     "TFLiteIO",
     "TFLiteOptions",
+    "TFLiteRunner",
     "convert_to_tflite",
     "run_tflite",
     "unsupported_tflite_ops",
@@ -369,7 +374,7 @@ def _rebuild(model: onnx.ModelProto, tf: Any) -> Callable[..., list[Any]]:
         for node in model.graph.node:
             if node.op_type != "Constant":
                 g.values[node.output[0]] = handlers[node.op_type](g, node)
-        return [g.nchw(o.name) for o in model.graph.output]
+        return {tflite_name(o.name): g.nchw(o.name) for o in model.graph.output}
 
     return forward
 
@@ -397,7 +402,7 @@ def convert_to_tflite(
     if missing:
         raise DataError(f"calibration samples lack model input(s): {', '.join(missing)}")
     specs = [
-        tf.TensorSpec(np.asarray(first[n]).shape, tf.float32, name=re.sub(r"[^A-Za-z0-9_.]", "_", n))
+        tf.TensorSpec(np.asarray(first[n]).shape, tf.float32, name=tflite_name(n))
         for n in names
     ]
     holder = tf.Module()
@@ -416,48 +421,28 @@ def convert_to_tflite(
         raise CompressionError(f"TFLite int8 conversion failed: {str(exc).splitlines()[0]}") from exc
 
 
-def _interpreter(data: bytes, threads: int) -> Any:
-    """A LiteRT interpreter for `data` (ai-edge-litert, falling back to tf.lite)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        Interpreter = _tf().lite.Interpreter
-    interpreter = Interpreter(model_content=data, num_threads=threads)
-    interpreter.allocate_tensors()
-    return interpreter
+class TFLiteRunner:
+    """A `.tflite` artifact loaded by the runtime's own TFLite backend, called like an ORT session."""
+
+    def __init__(self, data: bytes, model: onnx.ModelProto, profile: DeviceProfile) -> None:
+        initializers = {init.name for init in model.graph.initializer}
+        self._outputs = tensor_specs(list(model.graph.output))
+        manifest = Manifest(
+            name="candidate", version="0", profile=profile.name, engine="tflite", model_file="model.tflite",
+            inputs=tensor_specs(list(model.graph.input), initializers), outputs=self._outputs, files={},
+        )
+        self._backend = load_backend(manifest, data, profile)
+
+    def run(self, output_names: Sequence[str] | None, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Float32 outputs for one feed, in the ONNX model's output order (`output_names` ignored)."""
+        produced = self._backend.run(feed)
+        return [produced[spec.name] for spec in self._outputs]
 
 
-def _quantize(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    """Cast a float array to the tensor's dtype, quantizing when the tensor is int8."""
-    if detail["dtype"] != np.int8:
-        return array.astype(detail["dtype"])
-    scale, zero = detail["quantization"]
-    return np.clip(np.round(array / scale + zero), -128, 127).astype(np.int8)
-
-
-def _dequantize(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    """An output as float32, dequantizing int8."""
-    if detail["dtype"] != np.int8:
-        return array.astype(np.float32)
-    scale, zero = detail["quantization"]
-    return ((array.astype(np.float32) - zero) * scale).astype(np.float32)
-
-
-def run_tflite(
-    data: bytes, samples: Samples, names: Sequence[str], threads: int = 1
-) -> list[list[np.ndarray]]:
-    """Every output (float32) of a `.tflite` model for every sample; inputs fed in `names` order."""
-    interpreter = _interpreter(data, threads)
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    if len(inputs) != len(names):
-        raise DataError(f"the TFLite model has {len(inputs)} inputs, {len(names)} names given")
-    results = []
-    for sample in samples:
-        for detail, name in zip(inputs, names, strict=True):
-            interpreter.set_tensor(detail["index"], _quantize(np.asarray(sample[name], np.float32), detail))
-        interpreter.invoke()
-        results.append([_dequantize(interpreter.get_tensor(d["index"]), d) for d in outputs])
-    return results
+def run_tflite(data: bytes, samples: Samples, model: onnx.ModelProto, profile: DeviceProfile) -> list[list[np.ndarray]]:
+    """Every output (float32) of a `.tflite` converted from `model`, for every sample."""
+    runner = TFLiteRunner(data, model, profile)
+    return [runner.run(None, sample) for sample in samples]
 
 
 @dataclass(frozen=True)
@@ -487,10 +472,9 @@ class TFLiteExportPass:
         }
         if ctx.validation:
             reference = run_onnx(model, ctx.validation, ctx.profile)
-            threads = ctx.profile.runtime.intra_op_threads or 1
-            candidate = run_tflite(data, ctx.validation, _feeds(model), threads)
+            candidate = run_tflite(data, ctx.validation, model, ctx.profile)
             report["fidelity"] = fidelity(reference, candidate, ctx.labels).to_dict()
         ctx.log(f"tflite: wrote {path} ({len(data)} bytes)")
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return PassResult(copy, report)
+        return PassResult(copy, report, artifact=data, artifact_format="tflite")

@@ -127,7 +127,7 @@ def test_int8_io_artifact_is_integer_only() -> None:
     ops = {op["op_name"] for op in interpreter._get_ops_details()}
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD"} <= ops
     reference = stack_outputs(run_onnx(model, feeds, PROFILE))[0]
-    candidate = stack_outputs(run_tflite(data, feeds, ["x"]))[0]
+    candidate = stack_outputs(run_tflite(data, feeds, model, PROFILE))[0]
     cosine = np.sum(reference * candidate, 1) / (
         np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
     )

@@ -22,10 +22,42 @@ def _int8(**options: Any) -> Pass:
     return Int8Quantization(Int8Options(**options))
 
 
-REGISTRY: dict[str, Callable[..., Pass]] = {"prepare": _prepare, "int8": _int8}
+def _prune(**options: Any) -> Pass:
+    from compressor.passes.prune import MagnitudePruneOptions, MagnitudePrunePass
+
+    return MagnitudePrunePass(MagnitudePruneOptions(**options))
+
+
+def _structured_prune(**options: Any) -> Pass:
+    from compressor.passes.prune import StructuredPruneOptions, StructuredPrunePass
+
+    return StructuredPrunePass(StructuredPruneOptions(**options))
+
+
+def _distill(**options: Any) -> Pass:
+    from compressor.passes.distill import DistillOptions, DistillPass
+
+    return DistillPass(DistillOptions(**options))
+
+
+def _tflite(**options: Any) -> Pass:
+    from compressor.tflite_export import TFLiteExportPass, TFLiteOptions
+
+    return TFLiteExportPass(TFLiteOptions(**options))
+
+
+REGISTRY: dict[str, Callable[..., Pass]] = {
+    "prepare": _prepare,
+    "distill": _distill,
+    "structured_prune": _structured_prune,
+    "prune": _prune,
+    "int8": _int8,
+    "tflite": _tflite,
+}
 """Pass name -> factory taking the pass's keyword options. Modules load only when a pass is made."""
 
 DEFAULT_RECIPE = ("prepare", "int8")
+"""For ONNX Runtime profiles; TFLite profiles end with "tflite" instead of "int8"."""
 
 
 def create_pass(name: str, **options: Any) -> Pass:

@@ -45,6 +45,10 @@ class PassResult:
 
     model: onnx.ModelProto
     report: dict[str, Any]
+    artifact: bytes | None = None
+    """A finished artifact in another format (e.g. .tflite), when the pass produced one."""
+    artifact_format: str = "onnx"
+    """Format of `artifact`: "tflite"; "onnx" when the artifact is `model` itself."""
 
 
 class Pass(Protocol):

@@ -8,9 +8,10 @@ dequantized, so a caller sees the same float tensors as with the ONNX Runtime ba
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,27 @@ class _Slot:
     zero_point: int
 
 
-def _slot(detail: dict[str, Any]) -> _Slot:
+def tflite_name(name: str) -> str:
+    """The signature name a converter can give an ONNX tensor name (TF allows [A-Za-z0-9_.])."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", name)
+
+
+def _signature_names(interpreter: Any) -> tuple[dict[int, str], dict[int, str]]:
+    """Tensor index -> public name, from the model's only signature (converters name tensors there,
+    while the tensors themselves get names like `serving_default_x:0`); empty without one."""
+    try:
+        signatures = interpreter.get_signature_list()
+    except (AttributeError, ValueError):
+        return {}, {}
+    if len(signatures) != 1:
+        return {}, {}
+    runner = interpreter.get_signature_runner(next(iter(signatures)))
+    inputs = {int(detail["index"]): name for name, detail in runner.get_input_details().items()}
+    outputs = {int(detail["index"]): name for name, detail in runner.get_output_details().items()}
+    return inputs, outputs
+
+
+def _slot(detail: dict[str, Any], public_name: str | None = None) -> _Slot:
     """A slot from the interpreter's tensor details."""
     dtype = np.dtype(detail["dtype"])
     params = detail.get("quantization_parameters") or {}
@@ -65,7 +86,7 @@ def _slot(detail: dict[str, Any]) -> _Slot:
     shape = tuple("?" if int(dim) < 0 else int(dim) for dim in dims)
     public = "float32" if quantized else dtype.name
     return _Slot(
-        spec=TensorSpec(name=detail["name"], dtype=public, shape=shape),
+        spec=TensorSpec(name=public_name or detail["name"], dtype=public, shape=shape),
         index=int(detail["index"]),
         dtype=dtype,
         scale=float(scales[0]) if quantized else 0.0,
@@ -93,8 +114,9 @@ class TfliteBackend:
     def __init__(self, interpreter: Any) -> None:
         self._interpreter: Any = interpreter
         self._lock = threading.Lock()
-        self._in = tuple(_slot(detail) for detail in interpreter.get_input_details())
-        self._out = tuple(_slot(detail) for detail in interpreter.get_output_details())
+        in_names, out_names = _signature_names(interpreter)
+        self._in = tuple(_slot(d, in_names.get(int(d["index"]))) for d in interpreter.get_input_details())
+        self._out = tuple(_slot(d, out_names.get(int(d["index"]))) for d in interpreter.get_output_details())
         self.inputs = tuple(slot.spec for slot in self._in)
         self.outputs = tuple(slot.spec for slot in self._out)
         self._shapes = {
@@ -117,7 +139,22 @@ class TfliteBackend:
                 f"{manifest.name} {manifest.version}: TFLite cannot load the model: {exc}"
             ) from exc
         log.info("loaded %s %s with TFLite, %s threads", manifest.name, manifest.version, count or "default")
-        return cls(interpreter)
+        backend = cls(interpreter)
+        backend._use_manifest_names(manifest)
+        return backend
+
+    def _use_manifest_names(self, manifest: Manifest) -> None:
+        """Serve tensors under the manifest's names where the signature holds their TF-safe form."""
+        for attribute, specs in (("_in", manifest.inputs), ("_out", manifest.outputs)):
+            wanted = {tflite_name(spec.name): spec.name for spec in specs}
+            slots = tuple(
+                replace(slot, spec=replace(slot.spec, name=wanted[slot.spec.name]))
+                if slot.spec.name in wanted else slot
+                for slot in getattr(self, attribute)
+            )
+            setattr(self, attribute, slots)
+        self.inputs = tuple(slot.spec for slot in self._in)
+        self.outputs = tuple(slot.spec for slot in self._out)
 
     def _prepare(self, slot: _Slot, value: np.ndarray) -> np.ndarray:
         """Check a feed against its slot and convert it to the tensor's storage type."""
