@@ -32,11 +32,15 @@ def _echo(line: str) -> None:
 @click.option("--calibrate-method", type=click.Choice(["MinMax", "Percentile", "Entropy"]), default="MinMax",
               show_default=True)
 @click.option("--float-compute", is_flag=True, help="Store weights int8 but never compute in int8.")
+@click.option("--recipe", help="Passes in order, e.g. prepare,distill,int8 (default: the profile's).")
+@click.option("--search/--no-search", default=None,
+              help="Try candidate recipes and keep the smallest within budget (default: the profile's setting).")
+@click.option("--chart", type=click.Path(path_type=Path), help="With --search: write the candidates as a PNG.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 def compress(
     model: Path, profile_name: str, calibration: Path, validation: Path | None, labels: Path | None,
     key_path: Path, output: Path, name: str | None, model_version: str, calibrate_method: str,
-    float_compute: bool, force: bool,
+    float_compute: bool, recipe: str | None, search: bool | None, chart: Path | None, force: bool,
 ) -> None:
     """Compress an ONNX MODEL for a device profile into a signed bundle, and print the measured report."""
     from compressor.bundling import write_result_bundle
@@ -62,14 +66,31 @@ def compress(
         calibration_set, validation_set = data, load_dataset(validation, inputs, labels)
     for note in data.notes:
         _echo(f"note: {note}")
-    result = run_compress(
-        model, profile, calibration_set.samples, validation=validation_set.samples, labels=validation_set.labels,
-        pass_options={"int8": {"calibrate_method": calibrate_method, "allow_int8_compute": not float_compute}},
-        log=_echo,
-    )
+    int8_options = {"calibrate_method": calibrate_method, "allow_int8_compute": not float_compute}
+    searching = profile.compression.search if search is None else search
+    if searching and recipe:
+        raise UsageError("--recipe and --search exclude each other: a search tries its own recipes")
+    if chart and not searching:
+        raise UsageError("--chart draws the candidates of a recipe search: add --search")
+    if searching:
+        from compressor.recipe import Recipe, candidate_recipes, search_recipes
+
+        candidates = [Recipe(r.name, r.passes, {**r.options, "int8": int8_options}) for r in candidate_recipes(profile)]
+        result = search_recipes(model, profile, calibration_set.samples, validation=validation_set.samples,
+                                labels=validation_set.labels, recipes=candidates, log=_echo).chosen
+    else:
+        passes = tuple(part.strip() for part in recipe.split(",")) if recipe else None
+        result = run_compress(
+            model, profile, calibration_set.samples, validation=validation_set.samples,
+            labels=validation_set.labels, recipe=passes, pass_options={"int8": int8_options}, log=_echo,
+        )
     write_result_bundle(result, output, name=name or model.stem, version=model_version, profile=profile,
                         private_key=private_key, force=force)
     click.echo(format_report(result.report))
+    if chart:
+        from compressor.chart import write_search_chart
+
+        click.echo(f"wrote chart {write_search_chart(result.report, chart)}")
     click.echo(f"wrote {output} ({output.stat().st_size} bytes)")
 
 

@@ -55,6 +55,8 @@ class Fidelity:
     """Share of arg-max decisions equal to the reference's (classifier-like outputs only)."""
     accuracy: float | None
     """Task accuracy of the candidate against labels (first classifier output), when labels are given."""
+    regression_cosine: float | None = None
+    """Smallest mean cosine over the outputs that are not class scores (maps, embeddings, boxes)."""
 
     def to_dict(self) -> dict[str, float | None]:
         """JSON-ready form."""
@@ -78,6 +80,7 @@ def fidelity(
 ) -> Fidelity:
     """Compare candidate outputs with reference outputs sample by sample."""
     cosines: list[float] = []
+    regression: list[float] = []
     max_abs = 0.0
     agree = total = correct = 0
     for output_index in range(len(reference[0])):
@@ -93,6 +96,8 @@ def fidelity(
                 agree += int(np.sum(ref.argmax(-1) == cand.argmax(-1)))
                 total += int(np.prod(ref.shape[:-1]))
         cosines.append(float(np.mean(per_sample)))
+        if not _is_classifier(reference[0][output_index]):
+            regression.append(cosines[-1])
     accuracy = None
     if labels is not None:
         predictions = np.concatenate([_first_classifier(outputs).argmax(-1).ravel() for outputs in candidate])
@@ -103,6 +108,7 @@ def fidelity(
         max_abs_error=max_abs,
         top1_agreement=agree / total if total else None,
         accuracy=accuracy,
+        regression_cosine=min(regression) if regression else None,
     )
 
 

@@ -126,6 +126,8 @@ def compress(
 
 def default_recipe(profile: DeviceProfile) -> tuple[str, ...]:
     """The passes a profile runs when no recipe is given."""
+    if profile.compression.recipe:
+        return profile.compression.recipe
     if profile.runtime.engine is Engine.TFLITE:
         return ("prepare", "tflite")
     return DEFAULT_RECIPE

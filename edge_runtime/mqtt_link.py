@@ -86,6 +86,9 @@ class MqttLink:
         """Messages refused because the work queue was full."""
         self._subs: list[_Subscription] = []
         self._ack_listeners: list[Callable[[int, bool], None]] = []
+        self._ack_lock = threading.Lock()  # a leaf lock: never held while calling paho
+        self._ack_wanted: set[int] = set()  # message ids of QoS > 0 publishes not acknowledged yet
+        self._ack_publishing = 0  # QoS > 0 publish calls whose message id is not in _ack_wanted yet
         self._connection_listeners: list[Callable[[bool], None]] = []
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_size)
         self._workers: list[threading.Thread] = []
@@ -147,10 +150,20 @@ class MqttLink:
                 properties.CorrelationData = correlation_data
             if response_topic:
                 properties.ResponseTopic = response_topic
+        if qos > 0:
+            with self._ack_lock:
+                self._ack_publishing += 1
+        info = None
         try:
             info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         except ValueError as exc:  # paho's check of topic and payload
             raise UsageError(f"cannot publish to '{topic}': {exc}") from exc
+        finally:
+            if qos > 0:
+                with self._ack_lock:
+                    self._ack_publishing -= 1
+                    if info is not None:
+                        self._ack_wanted.add(info.mid)
         if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN) and (
             qos > 0 or info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         ):
@@ -292,6 +305,11 @@ class MqttLink:
                 listener(False)
 
     def _on_publish(self, _c: paho.Client, _u: object, mid: int, reason: ReasonCode, _p: object) -> None:
+        with self._ack_lock:  # paho reports QoS 0 publishes as sent too: those wake no listener
+            if mid in self._ack_wanted:
+                self._ack_wanted.discard(mid)
+            elif not self._ack_publishing:  # (an ack racing its own publish call is passed on)
+                return
         ok = not reason.is_failure
         for listener in self._ack_listeners:
             listener(mid, ok)

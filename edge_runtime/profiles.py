@@ -15,6 +15,7 @@ from edge_runtime.errors import EdgeError, ProfileError
 
 __all__ = [
     "Budgets",
+    "CompressionSpec",
     "DeviceProfile",
     "Engine",
     "Hardware",
@@ -96,12 +97,30 @@ class Budgets:
     max_accuracy_drop_pp: float
     """Largest accepted drop in accuracy (or top-1 agreement), in percentage points."""
     min_output_cosine: float
-    """Smallest accepted cosine similarity to the original model's outputs."""
+    """Smallest accepted cosine similarity to the original model's outputs that are not class scores
+    (maps, embeddings); class scores are judged by `max_accuracy_drop_pp`."""
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """Which passes compress models for this device, and which candidates a recipe search tries."""
+
+    recipe: tuple[str, ...] = ()
+    """Passes in order; empty: prepare + int8 (ONNX Runtime) or prepare + tflite (TFLite)."""
+    search: bool = False
+    """Try candidate recipes (distillation widths, pruning) and keep the smallest within budget."""
+    distill_widths: tuple[float, ...] = (0.5, 0.25)
+    """Student widths (share of the teacher's channels) the search distills into."""
+    prune_ratios: tuple[float, ...] = (0.5,)
+    """Share of channels structured pruning removes from a distilled student."""
+    sparsities: tuple[float, ...] = (0.5,)
+    """Unstructured magnitude-pruning sparsities tried on the original weights."""
+    distill_epochs: int = 30
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """One target device: hardware, runtime, int8 scheme and budgets."""
+    """One target device: hardware, runtime, int8 scheme, budgets and compression recipe."""
 
     name: str
     description: str
@@ -109,6 +128,7 @@ class DeviceProfile:
     runtime: RuntimeSpec
     quantization: QuantScheme
     budgets: Budgets
+    compression: CompressionSpec = dataclasses.field(default_factory=CompressionSpec)
     source: str = ""
     """The file the profile was read from."""
 

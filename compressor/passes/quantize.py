@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +94,10 @@ def meets_budgets(result: Fidelity, reference: Fidelity, budgets: Budgets) -> tu
         drop = (1 - result.top1_agreement) * 100
         if drop > budgets.max_accuracy_drop_pp:
             return False, f"top-1 agreement {result.top1_agreement:.2%} (budget: at most {budgets.max_accuracy_drop_pp} pp off)"
-    if result.cosine < budgets.min_output_cosine:
-        return False, f"output cosine {result.cosine:.4f} below {budgets.min_output_cosine}"
+    # Class scores are judged by accuracy / agreement above; cosine judges the other outputs.
+    cosine = result.regression_cosine
+    if cosine is not None and cosine < budgets.min_output_cosine:
+        return False, f"output cosine {cosine:.4f} below {budgets.min_output_cosine}"
     return True, ""
 
 
@@ -233,27 +235,32 @@ class _Search:
         return best, rows, decision
 
     def fit_weight_storage(self, rows: list[dict[str, Any]]) -> Candidate:
-        """Keep float the weights whose int8 storage costs most fidelity, until the budgets are met."""
+        """Keep float (fp16-stored) the fewest weights whose int8 storage costs most fidelity, so the
+        budgets are met: weights ranked by the damage each does alone, then the count searched."""
         _, storage = store_weights_int8(self.model)
-        probe = list(self.ctx.validation[:2])
-        reference = self.reference[:2]
+        probe = list(self.ctx.validation[:4])
+        reference = self.reference[: len(probe)]
         damage = {}
         for name in storage.names:
             single, _ = store_weights_int8(self.model, only=frozenset({name}))
             outputs = run_all(make_session(single.SerializeToString(), self.ctx.profile), probe)
             damage[name] = 1.0 - fidelity(reference, outputs).cosine
         ranking = sorted(storage.names, key=lambda name: -damage[name])
-        budgets = self.ctx.profile.budgets
-        why = ""
-        for count in _doubling(len(ranking)):
+        trials: dict[int, Candidate] = {}
+
+        def passes(count: int) -> bool:
             self.float_weights = frozenset(ranking[:count])
-            trial = self.evaluate(f"weight-only int8, {count} sensitive weights float", ())
+            trial = trials[count] = self.evaluate(f"weight-only int8, {count} sensitive weights float", ())
             rows.append(trial.row())
-            ok, why = meets_budgets(trial.fidelity, self.reference_fidelity, budgets)
             self.ctx.log(f"  {trial.label}: cosine {trial.fidelity.cosine:.4f}, {trial.size} bytes")
-            if ok:
-                return trial
-        raise CompressionError(f"even int8 weight storage with float compute misses the budget: {why}")
+            return meets_budgets(trial.fidelity, self.reference_fidelity, self.ctx.profile.budgets)[0]
+
+        count = _smallest_passing(len(ranking), passes)
+        if count is None:
+            why = meets_budgets(trials[len(ranking)].fidelity, self.reference_fidelity, self.ctx.profile.budgets)[1]
+            raise CompressionError(f"even int8 weight storage with float compute misses the budget: {why}")
+        self.float_weights = frozenset(ranking[:count])
+        return trials[count]
 
     def fast_candidates(self, weight_only: Candidate, rows: list[dict[str, Any]]) -> list[Candidate]:
         """Int8 sets by MAC share, timed; those not faster than weight-only are dropped."""
@@ -288,13 +295,16 @@ class _Search:
         if meets_budgets(candidate.fidelity, self.reference_fidelity, budgets)[0]:
             return candidate
         ranking = self.damage_ranking(candidate)
-        for count in _doubling(len(ranking))[:-1]:
+        trials: dict[int, Candidate] = {}
+
+        def passes(count: int) -> bool:
             kept = tuple(name for name in candidate.int8_nodes if name not in set(ranking[:count]))
-            trial = self.evaluate(f"{candidate.label}, {count} sensitive nodes float", kept)
+            trial = trials[count] = self.evaluate(f"{candidate.label}, {count} sensitive nodes float", kept)
             rows.append(trial.row())
-            if meets_budgets(trial.fidelity, self.reference_fidelity, budgets)[0]:
-                return trial
-        return None
+            return meets_budgets(trial.fidelity, self.reference_fidelity, budgets)[0]
+
+        count = _smallest_passing(len(ranking) - 1, passes)
+        return None if count is None else trials[count]
 
     def damage_ranking(self, candidate: Candidate) -> list[str]:
         """Int8 nodes ordered by the signal-to-noise (dB) they cost, measured on a few samples."""
@@ -384,6 +394,26 @@ def _doubling(limit: int) -> list[int]:
     """1, 2, 4, ... up to and including `limit`."""
     counts = [1 << i for i in range(max(limit, 1).bit_length()) if (1 << i) < limit]
     return [*counts, limit] if limit else []
+
+
+def _smallest_passing(limit: int, passes: Callable[[int], bool]) -> int | None:
+    """The smallest k in 1..limit with passes(k) (assumed monotonic): doubling, then bisection.
+    None when passes(limit) is false."""
+    low, high = 0, None
+    for count in _doubling(limit):
+        if passes(count):
+            high = count
+            break
+        low = count
+    if high is None:
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        if passes(middle):
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def _tensor_values(model: onnx.ModelProto, tensors: list[str], samples: Samples, profile: DeviceProfile) -> dict[str, list[np.ndarray]]:
