@@ -223,4 +223,36 @@ def preprocess(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelProto, 
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot optimize this model for quantization: {exc}") from exc
     prepared = name_unnamed_nodes(constants_to_initializers(onnx.load_model(str(target))))
+    prepared, rewritten = reshapes_to_flatten(prepared)
+    if rewritten:
+        notes.append(f"{rewritten} Reshape(x, [-1, K]) nodes that flatten [N, K, 1, 1] rewritten as Flatten")
     return prepared, notes
+
+
+def reshapes_to_flatten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy where `Reshape(x, [-1, K])` with x of known shape [N, ...] and prod(...) == K becomes
+    `Flatten(x, axis=1)`: the same numbers, but a fixed K no longer pins the channel count, so
+    channel pruning and student derivation can change it."""
+    result = copy.deepcopy(model)
+    graph = result.graph
+    initializers = {init.name: init for init in graph.initializer}
+    shapes = {
+        value.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim]
+        for value in [*graph.value_info, *graph.input]
+    }
+    count = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        target = numpy_helper.to_array(initializers[node.input[1]]).tolist()
+        source = shapes.get(node.input[0])
+        if len(target) != 2 or target[0] != -1 or not source or len(source) < 2 or None in source[1:]:
+            continue
+        if int(np.prod(source[1:])) != target[1]:
+            continue
+        node.op_type = "Flatten"
+        del node.input[1:]
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("axis", 1))
+        count += 1
+    return result, count
