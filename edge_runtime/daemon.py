@@ -16,21 +16,22 @@ import socket
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime import signing
 from edge_runtime.dataplane import DataPlane
-from edge_runtime.http_server import HttpServer
-from edge_runtime.mqtt_link import MqttLink, Will
-from edge_runtime.mqtt_service import MqttService
-from edge_runtime.outbox import Outbox, OutboxSender
-from edge_runtime.payloads import EventKind, Presence, encode_event, encode_presence
 from edge_runtime.profiles import load_profile
 from edge_runtime.registry import LoadFailure, ModelRegistry
 from edge_runtime.settings import Settings
 from edge_runtime.store import ModelStore
 from edge_runtime.telemetry import Health, TelemetryLoop, assess_health
 from edge_runtime.topics import DeviceTopics
+
+if TYPE_CHECKING:  # imported in start() only when enabled: a disabled transport costs no memory
+    from edge_runtime.http_server import HttpServer
+    from edge_runtime.mqtt_link import MqttLink
+    from edge_runtime.mqtt_service import MqttService
+    from edge_runtime.outbox import Outbox, OutboxSender
 
 __all__ = ["Daemon", "sd_notify"]
 
@@ -54,7 +55,7 @@ def sd_notify(message: str) -> bool:
 
 
 def _release_freed_memory() -> None:
-    """Give the bundle buffers freed after loading back to the OS (glibc keeps them otherwise; ~5 MB)."""
+    """Give what start-up freed (bundle buffers, ORT's load-time copies) back to the OS; glibc keeps it."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -129,18 +130,25 @@ class Daemon:
         store = ModelStore(Path(settings.store), signing.load_public_key(Path(settings.public_key)), profile)
         self.registry = ModelRegistry(profile)
         self.failures = self.registry.load_all(store)
-        _release_freed_memory()
         self.dataplane = DataPlane(self.registry, max_request_bytes=settings.max_request_bytes)
         if settings.http.enabled:
+            from edge_runtime.http_server import HttpServer
+
             self.http = HttpServer(self.dataplane, settings.http.host, settings.http.port)
             self.http.start()
         if settings.mqtt.enabled:
             self._start_mqtt(self.dataplane)
+        _release_freed_memory()
         log.info(
             "serving %d model(s), %d refused", len(self.registry.models()), len(self.registry.failures())
         )
 
     def _start_mqtt(self, dataplane: DataPlane) -> None:
+        from edge_runtime.mqtt_link import MqttLink, Will
+        from edge_runtime.mqtt_service import MqttService
+        from edge_runtime.outbox import Outbox, OutboxSender
+        from edge_runtime.payloads import EventKind, Presence, encode_event, encode_presence
+
         settings, topics = self.settings, self.topics
         self.outbox = outbox = Outbox(Path(settings.outbox.path), settings.outbox.max_records)
         presence = Will(

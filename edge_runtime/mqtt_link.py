@@ -89,6 +89,7 @@ class MqttLink:
         self._ack_lock = threading.Lock()  # a leaf lock: never held while calling paho
         self._ack_wanted: set[int] = set()  # message ids of QoS > 0 publishes not acknowledged yet
         self._ack_publishing = 0  # QoS > 0 publish calls whose message id is not in _ack_wanted yet
+        self._local = threading.local()
         self._connection_listeners: list[Callable[[bool], None]] = []
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_size)
         self._workers: list[threading.Thread] = []
@@ -143,13 +144,7 @@ class MqttLink:
         response_topic: str | None = None,
     ) -> int | None:
         """Queue a message for the broker; its message id, or None if paho refused it."""
-        properties = None
-        if self.protocol is MqttProtocol.V5 and (correlation_data is not None or response_topic):
-            properties = Properties(PacketTypes.PUBLISH)
-            if correlation_data is not None:
-                properties.CorrelationData = correlation_data
-            if response_topic:
-                properties.ResponseTopic = response_topic
+        properties = self._properties(qos, correlation_data, response_topic)
         if qos > 0:
             with self._ack_lock:
                 self._ack_publishing += 1
@@ -169,6 +164,25 @@ class MqttLink:
         ):
             return info.mid
         return None
+
+    def _properties(
+        self, qos: int, correlation_data: bytes | None, response_topic: str | None
+    ) -> Properties | None:
+        """MQTT 5 publish properties; a QoS 0 reply reuses this thread's object (paho packs it at once)."""
+        if self.protocol is not MqttProtocol.V5 or (correlation_data is None and not response_topic):
+            return None
+        if qos == 0 and correlation_data is not None and not response_topic:
+            properties = getattr(self._local, "reply", None)
+            if properties is None:
+                properties = self._local.reply = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation_data
+            return properties
+        properties = Properties(PacketTypes.PUBLISH)
+        if correlation_data is not None:
+            properties.CorrelationData = correlation_data
+        if response_topic:
+            properties.ResponseTopic = response_topic
+        return properties
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

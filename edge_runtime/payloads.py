@@ -27,10 +27,12 @@ from edge_runtime.errors import (
 )
 from edge_runtime.topics import check_topic
 from edge_runtime.v2codec import (
+    decode_infer_document,
     decode_infer_request,
     decode_infer_response,
     encode_infer_request,
     encode_infer_response,
+    json_loads,
 )
 
 __all__ = [
@@ -86,9 +88,12 @@ def _dumps(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
+_VERSION_ONLY = _dumps({"v": PAYLOAD_VERSION})
+
+
 def _with_version(body: bytes, **fields: Any) -> bytes:
     """Prefix a JSON object body with ``"v": 1`` and `fields` (cheap: no re-parse of the tensors)."""
-    head = _dumps({"v": PAYLOAD_VERSION, **fields})
+    head = _dumps({"v": PAYLOAD_VERSION, **fields}) if fields else _VERSION_ONLY
     return head[:-1] + b"," + body[1:] if body != b"{}" else head
 
 
@@ -97,7 +102,7 @@ def decode_json(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise PayloadTooLarge(f"payload is {len(raw)} bytes, the limit is {max_bytes}")
     try:
-        doc = json.loads(raw)
+        doc = json_loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"payload is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -113,14 +118,15 @@ def decode_json(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
 class Envelope:
     """The routing part of an inference request: who to answer, and how to correlate."""
 
-    raw: bytes
+    doc: dict[str, Any]
+    """The parsed request (parsed once: `request` decodes its tensors from it)."""
     id: str | None
     reply_to: str | None
     model_version: str | None
 
     def request(self, model: str) -> InferRequest:
         """Decode the tensors into an InferRequest for `model`."""
-        return decode_infer_request(self.raw, model, self.model_version)
+        return decode_infer_document(self.doc, model, self.model_version)
 
 
 def _optional_str(doc: dict[str, Any], key: str) -> str | None:
@@ -141,7 +147,7 @@ def read_envelope(raw: bytes, *, max_bytes: int) -> Envelope:
             check_topic(reply_to)
         except UsageError as exc:
             raise RequestError(f"reply_to: {exc}") from None
-    return Envelope(raw, _optional_str(doc, "id"), reply_to, _optional_str(doc, "model_version"))
+    return Envelope(doc, _optional_str(doc, "id"), reply_to, _optional_str(doc, "model_version"))
 
 
 def encode_reply(response: InferResponse) -> bytes:

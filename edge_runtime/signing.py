@@ -1,13 +1,19 @@
-"""ed25519 keys and signatures (the one module that imports `cryptography`)."""
+"""ed25519 keys and signatures (the one module that imports `cryptography`).
+
+Verifying needs only cryptography's ed25519 module: its `serialization` package (which also
+loads the SSH, RSA, DSA, EC and cipher modules, about 1 MB resident) is imported only for
+private keys and for public key files that are not a plain ed25519 PEM.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.errors import SignatureError, UsageError
@@ -25,12 +31,14 @@ __all__ = [
 
 PrivateKey = Ed25519PrivateKey
 PublicKey = Ed25519PublicKey
+_PEM_PUBLIC = (b"-----BEGIN PUBLIC KEY-----", b"-----END PUBLIC KEY-----")
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+"""DER SubjectPublicKeyInfo of an ed25519 key (RFC 8410) up to its 32 raw key bytes."""
 
 
 def key_id(public_key: PublicKey) -> str:
     """Short, stable id of a public key: first 16 hex digits of the sha256 of its raw bytes."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return hashlib.sha256(public_key.public_bytes_raw()).hexdigest()[:16]
 
 
 def generate_keypair(directory: Path, name: str = "signing", *, force: bool = False) -> tuple[Path, Path]:
@@ -39,6 +47,8 @@ def generate_keypair(directory: Path, name: str = "signing", *, force: bool = Fa
     for path in (private_path, public_path):
         if path.exists() and not force:
             raise UsageError(f"{path} already exists (use --force to overwrite)")
+    from cryptography.hazmat.primitives import serialization
+
     directory.mkdir(parents=True, exist_ok=True)
     private_key = Ed25519PrivateKey.generate()
     private_pem = private_key.private_bytes(
@@ -63,6 +73,8 @@ def _read(path: Path, what: str) -> bytes:
 
 def load_private_key(path: Path) -> PrivateKey:
     """Load an ed25519 private key from a PEM file."""
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_private_key(_read(path, "private key"), password=None)
     except (ValueError, TypeError) as exc:
@@ -72,10 +84,30 @@ def load_private_key(path: Path) -> PrivateKey:
     return key
 
 
+def _plain_ed25519(pem: bytes) -> PublicKey | None:
+    """The key in a one-key ed25519 SubjectPublicKeyInfo PEM, or None for anything else."""
+    lines = pem.strip().splitlines()
+    if len(lines) < 3 or (lines[0].strip(), lines[-1].strip()) != _PEM_PUBLIC:
+        return None
+    try:
+        der = base64.b64decode(b"".join(line.strip() for line in lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
+        return None
+    return Ed25519PublicKey.from_public_bytes(der[len(_ED25519_SPKI_PREFIX) :])
+
+
 def load_public_key(path: Path) -> PublicKey:
     """Load an ed25519 public key from a PEM file."""
+    pem = _read(path, "public key")
+    plain = _plain_ed25519(pem)
+    if plain is not None:
+        return plain
+    from cryptography.hazmat.primitives import serialization
+
     try:
-        key = serialization.load_pem_public_key(_read(path, "public key"))
+        key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{path} is not a PEM public key: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):

@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edge_runtime.outbox import Outbox
 from edge_runtime.payloads import EventKind, encode_event, encode_telemetry
+
+if TYPE_CHECKING:  # the outbox (sqlite3) is only imported when MQTT is on
+    from edge_runtime.outbox import Outbox
 
 __all__ = ["DeviceSampler", "Health", "TelemetryLoop", "assess_health"]
 

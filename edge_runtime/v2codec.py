@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "HEADER_LENGTH",
     "DecodedRequest",
+    "decode_infer_document",
     "decode_infer_request",
     "decode_infer_response",
     "decode_request",
@@ -158,11 +159,10 @@ def _requested_outputs(doc: dict[str, Any]) -> tuple[tuple[str, ...] | None, boo
     return tuple(entry["name"] for entry in outputs), frozenset(binary)
 
 
-def decode_request(
-    body: bytes, model: str, version: str | None, *, header_length: int | None = None
+def _decode_document(
+    doc: dict[str, Any], binary: memoryview, model: str, version: str | None
 ) -> DecodedRequest:
-    """Decode a v2 infer request body, also returning which outputs the client wants binary."""
-    doc, binary = _split(body, header_length)
+    """A parsed v2 request document (plus its binary tail) as a DecodedRequest."""
     items = doc.get("inputs")
     if not isinstance(items, list) or not items:
         raise RequestError("request must have a non-empty 'inputs' list")
@@ -185,6 +185,21 @@ def decode_request(
         outputs=outputs,
     )
     return DecodedRequest(request=request, binary_outputs=binary_outputs)
+
+
+def decode_request(
+    body: bytes, model: str, version: str | None, *, header_length: int | None = None
+) -> DecodedRequest:
+    """Decode a v2 infer request body, also returning which outputs the client wants binary."""
+    doc, binary = _split(body, header_length)
+    return _decode_document(doc, binary, model, version)
+
+
+def decode_infer_document(doc: Any, model: str, version: str | None) -> InferRequest:
+    """An already parsed JSON v2 request (no binary tensors) as an InferRequest, so a transport parses once."""
+    if not isinstance(doc, dict):
+        raise RequestError("request body must be a JSON object")
+    return _decode_document(doc, memoryview(b""), model, version).request
 
 
 def decode_infer_request(

@@ -12,6 +12,7 @@ from edge_runtime.dataplane import InferRequest, InferResponse
 from edge_runtime.errors import RequestError
 from edge_runtime.v2codec import (
     HEADER_LENGTH,
+    decode_infer_document,
     decode_infer_request,
     decode_infer_response,
     decode_request,
@@ -118,3 +119,30 @@ def test_response_round_trip(binary):
     for name, value in outputs.items():
         assert decoded.outputs[name].dtype == value.dtype
         np.testing.assert_array_equal(decoded.outputs[name], value)
+
+
+def test_an_already_parsed_document_decodes_like_its_bytes():
+    raw = body(tensor(), tensor("i", "INT64", (3,), [1, -2, 3]), id=9, outputs=[{"name": "y"}])
+    from_bytes = decode_infer_request(raw, "m", "2")
+    from_doc = decode_infer_document(json.loads(raw), "m", "2")
+    assert (from_doc.model, from_doc.version, from_doc.id, from_doc.outputs) == ("m", "2", "9", ("y",))
+    assert from_doc.inputs.keys() == from_bytes.inputs.keys()
+    for name, value in from_bytes.inputs.items():
+        assert from_doc.inputs[name].dtype == value.dtype
+        np.testing.assert_array_equal(from_doc.inputs[name], value)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([1, 2], "must be a JSON object"),
+        ({"inputs": []}, "non-empty 'inputs'"),
+        ({"inputs": [tensor(), tensor()]}, "given twice"),
+        ({"inputs": [tensor(shape=(3,))]}, "do not fill shape"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]},
+         "ends before"),
+    ],
+)  # fmt: skip
+def test_bad_parsed_documents_are_request_errors(doc, message):
+    with pytest.raises(RequestError, match=message):
+        decode_infer_document(doc, "m", None)

@@ -74,6 +74,17 @@ def _session_options(manifest: Manifest, threads: int) -> ort.SessionOptions:
     return options
 
 
+def _release_model_bytes(session: ort.InferenceSession) -> None:
+    """Let go of the model bytes ORT's Python wrapper keeps once the session exists (a second copy).
+
+    The wrapper holds them only to re-create the session on an execution-provider failure; with
+    that fallback off, nothing reads them again. Dropping them saves the model's size in RSS.
+    """
+    if getattr(session, "_model_bytes", None) is not None:
+        session.disable_fallback()
+        session._model_bytes = None
+
+
 class OnnxBackend:
     """A model loaded into an ONNX Runtime `InferenceSession` (thread-safe `run`)."""
 
@@ -98,6 +109,7 @@ class OnnxBackend:
             raise ModelError(
                 f"{manifest.name} {manifest.version}: ONNX Runtime cannot load the model: {exc}"
             ) from exc
+        _release_model_bytes(session)
         log.info(
             "loaded %s %s with %s, %d intra-op threads", manifest.name, manifest.version, providers, count
         )
