@@ -48,7 +48,7 @@ def start_mosquitto(directory: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("mosquitto did not start")
 
 
-def _mlp_onnx(sizes: tuple[int, int, int], seed: int = 0) -> bytes:
+def mlp_onnx(sizes: tuple[int, int, int], seed: int = 0) -> bytes:
     """Gemm -> Relu -> Gemm -> Softmax with a free batch dimension (workstation side: imports onnx)."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -82,7 +82,7 @@ def make_store(directory: Path, sizes: tuple[int, int, int]) -> tuple[Path, Path
     """A model store holding model 'mlp' of `sizes`, signed with a fresh key; (store, public key, model)."""
     private_path, public_path = signing.generate_keypair(directory, "bench")
     profile = load_profile(PROFILE)
-    model = _mlp_onnx(sizes)
+    model = mlp_onnx(sizes)
     manifest = Manifest(
         name="mlp",
         version="1",

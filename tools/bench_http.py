@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,38 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.bench_common import free_port, mlp_onnx
+
 MODEL_NAME = "digits"
 SIZES = (64, 128, 10)
 
 
 def build_model(path: Path) -> None:
     """The MLP 64-128-10 (Gemm, Relu, Gemm, Softmax) with seeded weights, as ONNX."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    n_in, n_hidden, n_out = SIZES
-    weights = [
-        numpy_helper.from_array(rng.normal(0, 0.1, (n_in, n_hidden)).astype(np.float32), "W1"),
-        numpy_helper.from_array(np.zeros(n_hidden, np.float32), "B1"),
-        numpy_helper.from_array(rng.normal(0, 0.1, (n_hidden, n_out)).astype(np.float32), "W2"),
-        numpy_helper.from_array(np.zeros(n_out, np.float32), "B2"),
-    ]
-    nodes = [
-        helper.make_node("Gemm", ["input", "W1", "B1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("Gemm", ["r", "W2", "B2"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "digits",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", n_in])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", n_out])],
-        weights,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    path.write_bytes(model.SerializeToString())
+    path.write_bytes(mlp_onnx(SIZES))
 
 
 def serve_ours(workdir: Path, port: int, inline_max_ms: float) -> None:
@@ -122,12 +99,6 @@ def serve_flask(workdir: Path, port: int, inline_max_ms: float) -> None:
         return jsonify({"outputs": y.tolist()})
 
     app.run(host="127.0.0.1", port=port, threaded=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_answering(url: str, body: bytes, deadline: float = 30.0) -> bytes:
