@@ -19,28 +19,63 @@ def _echo(line: str) -> None:
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--profile", "profile_name", required=True, help="Built-in profile name or a .toml file.")
-@click.option("--calibration", required=True, type=click.Path(path_type=Path),
-              help=".npz/.npy file or folder of them: input name -> [samples, ...] arrays.")
-@click.option("--validation", type=click.Path(path_type=Path),
-              help="Held-out samples for the report (default: 25% of --calibration, never used to calibrate).")
+@click.option(
+    "--calibration",
+    required=True,
+    type=click.Path(path_type=Path),
+    help=".npz/.npy file or folder of them: input name -> [samples, ...] arrays.",
+)
+@click.option(
+    "--validation",
+    type=click.Path(path_type=Path),
+    help="Held-out samples for the report (default: 25% of --calibration, never used to calibrate).",
+)
 @click.option("--labels", type=click.Path(path_type=Path), help=".npy class ids for the validation samples.")
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
-              help="ed25519 private key (edgectl keygen) that signs the bundle.")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="ed25519 private key (edgectl keygen) that signs the bundle.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle file to write.")
 @click.option("--name", help="Model name in the bundle (default: the model file's stem).")
-@click.option("--version", "model_version", default="1", show_default=True, help="Model version in the bundle.")
-@click.option("--calibrate-method", type=click.Choice(["MinMax", "Percentile", "Entropy"]), default="MinMax",
-              show_default=True)
+@click.option(
+    "--version", "model_version", default="1", show_default=True, help="Model version in the bundle."
+)
+@click.option(
+    "--calibrate-method",
+    type=click.Choice(["MinMax", "Percentile", "Entropy"]),
+    default="MinMax",
+    show_default=True,
+)
 @click.option("--float-compute", is_flag=True, help="Store weights int8 but never compute in int8.")
 @click.option("--recipe", help="Passes in order, e.g. prepare,distill,int8 (default: the profile's).")
-@click.option("--search/--no-search", default=None,
-              help="Try candidate recipes and keep the smallest within budget (default: the profile's setting).")
-@click.option("--chart", type=click.Path(path_type=Path), help="With --search: write the candidates as a PNG.")
+@click.option(
+    "--search/--no-search",
+    default=None,
+    help="Try candidate recipes and keep the smallest within budget (default: the profile's setting).",
+)
+@click.option(
+    "--chart", type=click.Path(path_type=Path), help="With --search: write the candidates as a PNG."
+)
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 def compress(
-    model: Path, profile_name: str, calibration: Path, validation: Path | None, labels: Path | None,
-    key_path: Path, output: Path, name: str | None, model_version: str, calibrate_method: str,
-    float_compute: bool, recipe: str | None, search: bool | None, chart: Path | None, force: bool,
+    model: Path,
+    profile_name: str,
+    calibration: Path,
+    validation: Path | None,
+    labels: Path | None,
+    key_path: Path,
+    output: Path,
+    name: str | None,
+    model_version: str,
+    calibrate_method: str,
+    float_compute: bool,
+    recipe: str | None,
+    search: bool | None,
+    chart: Path | None,
+    force: bool,
 ) -> None:
     """Compress an ONNX MODEL for a device profile into a signed bundle, and print the measured report."""
     from compressor.bundling import write_result_bundle
@@ -75,17 +110,39 @@ def compress(
     if searching:
         from compressor.recipe import Recipe, candidate_recipes, search_recipes
 
-        candidates = [Recipe(r.name, r.passes, {**r.options, "int8": int8_options}) for r in candidate_recipes(profile)]
-        result = search_recipes(model, profile, calibration_set.samples, validation=validation_set.samples,
-                                labels=validation_set.labels, recipes=candidates, log=_echo).chosen
+        candidates = [
+            Recipe(r.name, r.passes, {**r.options, "int8": int8_options}) for r in candidate_recipes(profile)
+        ]
+        result = search_recipes(
+            model,
+            profile,
+            calibration_set.samples,
+            validation=validation_set.samples,
+            labels=validation_set.labels,
+            recipes=candidates,
+            log=_echo,
+        ).chosen
     else:
         passes = tuple(part.strip() for part in recipe.split(",")) if recipe else None
         result = run_compress(
-            model, profile, calibration_set.samples, validation=validation_set.samples,
-            labels=validation_set.labels, recipe=passes, pass_options={"int8": int8_options}, log=_echo,
+            model,
+            profile,
+            calibration_set.samples,
+            validation=validation_set.samples,
+            labels=validation_set.labels,
+            recipe=passes,
+            pass_options={"int8": int8_options},
+            log=_echo,
         )
-    write_result_bundle(result, output, name=name or model.stem, version=model_version, profile=profile,
-                        private_key=private_key, force=force)
+    write_result_bundle(
+        result,
+        output,
+        name=name or model.stem,
+        version=model_version,
+        profile=profile,
+        private_key=private_key,
+        force=force,
+    )
     click.echo(format_report(result.report))
     if chart:
         from compressor.chart import write_search_chart
@@ -117,11 +174,19 @@ def demo(profile_name: str, output_dir: Path | None) -> None:
     model_path = workdir / "digits.onnx"
     model_path.write_bytes(task.model)
     private_path, public_path = generate_keypair(workdir, "demo", force=True)
-    result = run_compress(model_path, profile, task.calibration, validation=task.validation, labels=task.labels,
-                          log=_echo)
+    result = run_compress(
+        model_path, profile, task.calibration, validation=task.validation, labels=task.labels, log=_echo
+    )
     bundle_path = workdir / "digits.edgebundle"
-    write_result_bundle(result, bundle_path, name="digits", version="1", profile=profile,
-                        private_key=load_private_key(private_path), force=True)
+    write_result_bundle(
+        result,
+        bundle_path,
+        name="digits",
+        version="1",
+        profile=profile,
+        private_key=load_private_key(private_path),
+        force=True,
+    )
     click.echo(format_report(result.report))
     bundle = read_bundle(bundle_path, load_public_key(public_path))
     backend = load_backend(bundle.manifest, bundle.model_bytes, profile)
@@ -132,6 +197,7 @@ def demo(profile_name: str, output_dir: Path | None) -> None:
         selftest = run_selftest(backend.run, bundle.golden_cases(), golden)
     finally:
         backend.close()
-    click.echo(f"bundle {bundle_path}: signature OK (key {bundle.signed_by}), checksums OK, self-test "
-               f"{'passed' if selftest.passed else 'FAILED: ' + selftest.reason} ({selftest.cases} golden cases)")
-
+    click.echo(
+        f"bundle {bundle_path}: signature OK (key {bundle.signed_by}), checksums OK, self-test "
+        f"{'passed' if selftest.passed else 'FAILED: ' + selftest.reason} ({selftest.cases} golden cases)"
+    )

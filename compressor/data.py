@@ -48,7 +48,9 @@ def _read(path: Path, inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
         if path.suffix == ".npy":
             if len(inputs) != 1:
                 names = ", ".join(spec.name for spec in inputs)
-                raise DataError(f"{path}: an .npy file fits single-input models; this one takes {names} (use .npz)")
+                raise DataError(
+                    f"{path}: an .npy file fits single-input models; this one takes {names} (use .npz)"
+                )
             return {inputs[0].name: np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
@@ -82,7 +84,9 @@ def load_dataset(path: Path, inputs: Sequence[TensorSpec], labels_path: Path | N
             labels.append(np.asarray(arrays.pop(LABELS_KEY)).ravel())
         unknown = sorted(set(arrays) - set(by_name))
         if unknown:
-            raise DataError(f"{file}: '{unknown[0]}' is not an input of the model (inputs: {', '.join(by_name)})")
+            raise DataError(
+                f"{file}: '{unknown[0]}' is not an input of the model (inputs: {', '.join(by_name)})"
+            )
         missing = sorted(set(by_name) - set(arrays))
         if missing:
             raise DataError(f"{file}: no data for model input '{missing[0]}'")
@@ -92,7 +96,11 @@ def load_dataset(path: Path, inputs: Sequence[TensorSpec], labels_path: Path | N
             raise DataError(f"{file}: inputs hold different numbers of samples ({sorted(counts)})")
         samples.extend({name: per_input[name][i] for name in by_name} for i in range(counts.pop()))
     if labels_path is not None:
-        labels = [np.asarray(_read(Path(labels_path), [TensorSpec(LABELS_KEY, "int64", ("N",))])[LABELS_KEY]).ravel()]
+        labels = [
+            np.asarray(
+                _read(Path(labels_path), [TensorSpec(LABELS_KEY, "int64", ("N",))])[LABELS_KEY]
+            ).ravel()
+        ]
     notes = check_samples(samples, inputs, str(path))
     merged = np.concatenate(labels) if labels else None
     if merged is not None and len(merged) != len(samples):
@@ -118,7 +126,8 @@ def check_samples(samples: list[Feed], inputs: Sequence[TensorSpec], source: str
                 if note not in notes:
                     notes.append(note)
             if len(spec.shape) != value.ndim or any(
-                isinstance(want, int) and want > 0 and want != got for want, got in zip(spec.shape, value.shape, strict=True)
+                isinstance(want, int) and want > 0 and want != got
+                for want, got in zip(spec.shape, value.shape, strict=True)
             ):
                 raise DataError(
                     f"{source}: sample {index} input '{spec.name}' has shape {list(value.shape)}, "

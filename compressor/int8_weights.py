@@ -94,7 +94,12 @@ def store_weights_int8(
     worst = float("inf")
     for name, init in initializers.items():
         users = consumers.get(name, [])
-        if name in skip or (only is not None and name not in only) or init.data_type != TensorProto.FLOAT or not users:
+        if (
+            name in skip
+            or (only is not None and name not in only)
+            or init.data_type != TensorProto.FLOAT
+            or not users
+        ):
             continue
         if not all(_is_weight_input(user, name) for user in users):
             continue
@@ -106,10 +111,12 @@ def store_weights_int8(
             continue
         quantized, scale, sqnr = _quantize_per_channel(weight, axes.pop())
         graph.initializer.remove(init)
-        graph.initializer.extend([
-            numpy_helper.from_array(quantized, f"{name}_i8"),
-            numpy_helper.from_array(scale, f"{name}_s"),
-        ])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(quantized, f"{name}_i8"),
+                numpy_helper.from_array(scale, f"{name}_s"),
+            ]
+        )
         new_nodes.append(helper.make_node("Cast", [f"{name}_i8"], [f"{name}_f"], to=TensorProto.FLOAT))
         new_nodes.append(helper.make_node("Mul", [f"{name}_f", f"{name}_s"], [name]))
         converted.append(name)
@@ -133,7 +140,10 @@ def store_small_floats_fp16(model: onnx.ModelProto, min_elements: int = 16) -> t
     result = copy.deepcopy(model)
     graph = result.graph
     protected = {
-        name for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear") for name in node.input
+        name
+        for node in graph.node
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+        for name in node.input
     }
     fp16_max = float(np.finfo(np.float16).max)
     cast_nodes, saved = [], 0

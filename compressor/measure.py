@@ -40,7 +40,9 @@ def run_all(session: ort.InferenceSession, samples: Samples) -> list[list[np.nda
         try:
             results.append(session.run(None, dict(feed)))
         except Exception as exc:
-            raise DataError(f"sample {index} does not run through the model: {str(exc).splitlines()[0]}") from exc
+            raise DataError(
+                f"sample {index} does not run through the model: {str(exc).splitlines()[0]}"
+            ) from exc
     return results
 
 
@@ -120,7 +122,10 @@ def _first_classifier(outputs: list[np.ndarray]) -> np.ndarray:
 
 
 def compare_latency(
-    sessions: Mapping[str, ort.InferenceSession], feed: Mapping[str, np.ndarray], *, rounds: int = 30,
+    sessions: Mapping[str, ort.InferenceSession],
+    feed: Mapping[str, np.ndarray],
+    *,
+    rounds: int = 30,
     min_seconds: float = 0.5,
 ) -> dict[str, float]:
     """Median latency in ms of each session, timed interleaved (round-robin) so they share the noise."""

@@ -44,7 +44,9 @@ def load_model(path: Path) -> onnx.ModelProto:
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: cannot read ONNX model: {exc}") from exc
     if not model.graph.node:
-        raise ModelError(f"{path} is not an ONNX model (it holds no graph nodes; truncated or another format?)")
+        raise ModelError(
+            f"{path} is not an ONNX model (it holds no graph nodes; truncated or another format?)"
+        )
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -142,8 +144,11 @@ def shrink_names(model: onnx.ModelProto) -> onnx.ModelProto:
     On small models the graph outweighs the weights: exporters write long, path-like names for
     every tensor, and quantization adds `_quantized`, `_scale`, `_zero_point` suffixes to each.
     """
-    if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in model.graph.node for attribute in node.attribute):
+    if any(
+        attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for node in model.graph.node
+        for attribute in node.attribute
+    ):
         return copy.deepcopy(model)  # subgraphs capture outer names: renaming is not worth the risk
     result = copy.deepcopy(model)
     graph = result.graph
@@ -174,7 +179,9 @@ def shrink_names(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
-def tensor_specs(values: list[onnx.ValueInfoProto], initializers: set[str] | None = None) -> tuple[TensorSpec, ...]:
+def tensor_specs(
+    values: list[onnx.ValueInfoProto], initializers: set[str] | None = None
+) -> tuple[TensorSpec, ...]:
     """TensorSpecs (numpy dtype name, shape with free dims as strings) for graph inputs or outputs."""
     specs = []
     for value in values:
@@ -183,7 +190,8 @@ def tensor_specs(values: list[onnx.ValueInfoProto], initializers: set[str] | Non
         tensor_type = value.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
         shape = tuple(
-            dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or "?") for dim in tensor_type.shape.dim
+            dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or "?")
+            for dim in tensor_type.shape.dim
         )
         specs.append(TensorSpec(name=value.name, dtype=dtype, shape=shape))
     return tuple(specs)
@@ -237,7 +245,9 @@ def reshapes_to_flatten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = result.graph
     initializers = {init.name: init for init in graph.initializer}
     shapes = {
-        value.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim]
+        value.name: [
+            dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim
+        ]
         for value in [*graph.value_info, *graph.input]
     }
     count = 0

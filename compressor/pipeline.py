@@ -93,8 +93,14 @@ def compress(
         raise DataError(f"{len(labels)} labels for {len(validation)} validation samples")
     with tempfile.TemporaryDirectory(prefix="edge-compress-", dir=workdir) as scratch:
         ctx = CompressionContext(
-            profile=profile, calibration=list(calibration), validation=list(validation), workdir=Path(scratch),
-            labels=labels, seed=seed, log=log, options=dict(pass_options or {}),
+            profile=profile,
+            calibration=list(calibration),
+            validation=list(validation),
+            workdir=Path(scratch),
+            labels=labels,
+            seed=seed,
+            log=log,
+            options=dict(pass_options or {}),
         )
         model, reports = original, list[dict[str, Any]]()
         artifact: tuple[bytes, str] | None = None
@@ -153,8 +159,13 @@ def _runner(artifact: bytes, artifact_format: str, profile: DeviceProfile, model
 
 
 def _finish(
-    original: onnx.ModelProto, model: onnx.ModelProto, model_bytes: bytes, artifact_format: str,
-    reports: list[dict[str, Any]], ctx: CompressionContext, source: Path,
+    original: onnx.ModelProto,
+    model: onnx.ModelProto,
+    model_bytes: bytes,
+    artifact_format: str,
+    reports: list[dict[str, Any]],
+    ctx: CompressionContext,
+    source: Path,
 ) -> CompressionResult:
     """Measure the final artifact against the original model, check the budgets, build golden data."""
     profile = ctx.profile
@@ -166,7 +177,9 @@ def _finish(
     session = _runner(model_bytes, artifact_format, profile, original)
     reference = run_all(reference_session, ctx.validation)
     produced = run_all(session, ctx.validation)
-    latency = compare_latency({"fp32": reference_session, "compressed": session}, dict(ctx.validation[0]), rounds=60)
+    latency = compare_latency(
+        {"fp32": reference_session, "compressed": session}, dict(ctx.validation[0]), rounds=60
+    )
     result_fidelity = fidelity(reference, produced, ctx.labels)
     reference_fidelity = fidelity(reference, reference, ctx.labels)
     report = {
@@ -176,8 +189,12 @@ def _finish(
         "host": host_cpu(),
         "validation_samples": len(ctx.validation),
         "calibration_samples": len(ctx.calibration),
-        "original": {"bytes": len(original_bytes), "latency_ms": latency["fp32"], "ops": op_counts(original),
-                     "accuracy": reference_fidelity.accuracy},
+        "original": {
+            "bytes": len(original_bytes),
+            "latency_ms": latency["fp32"],
+            "ops": op_counts(original),
+            "accuracy": reference_fidelity.accuracy,
+        },
         "compressed": {
             "bytes": len(model_bytes),
             "size_ratio": len(original_bytes) / len(model_bytes),
@@ -191,14 +208,25 @@ def _finish(
     }
     _check_budgets(report, result_fidelity, reference_fidelity, profile)
     names = [spec.name for spec in outputs]
-    golden = [GoldenCase(dict(feed), dict(zip(names, outs, strict=True)))
-              for feed, outs in zip(ctx.validation[:GOLDEN_CASES], produced[:GOLDEN_CASES], strict=False)]
-    scale = max((float(np.max(np.abs(v))) for case in golden for v in case.outputs.values() if v.size), default=1.0)
-    golden_spec = GoldenSpec(file="golden.npz", cases=len(golden), rtol=0.05, atol=max(1e-4, 0.05 * scale),
-                             min_top1_agreement=0.75)
+    golden = [
+        GoldenCase(dict(feed), dict(zip(names, outs, strict=True)))
+        for feed, outs in zip(ctx.validation[:GOLDEN_CASES], produced[:GOLDEN_CASES], strict=False)
+    ]
+    scale = max(
+        (float(np.max(np.abs(v))) for case in golden for v in case.outputs.values() if v.size), default=1.0
+    )
+    golden_spec = GoldenSpec(
+        file="golden.npz", cases=len(golden), rtol=0.05, atol=max(1e-4, 0.05 * scale), min_top1_agreement=0.75
+    )
     return CompressionResult(
-        model=model, model_bytes=model_bytes, inputs=inputs, outputs=outputs,
-        report=report, golden=golden, golden_spec=golden_spec, artifact_format=artifact_format,
+        model=model,
+        model_bytes=model_bytes,
+        inputs=inputs,
+        outputs=outputs,
+        report=report,
+        golden=golden,
+        golden_spec=golden_spec,
+        artifact_format=artifact_format,
     )
 
 
@@ -209,7 +237,9 @@ def _check_budgets(report: dict[str, Any], result: Any, reference: Any, profile:
     failures = [] if ok else [why]
     if compressed["bytes"] > budgets.max_model_bytes:
         over = compressed["bytes"] - budgets.max_model_bytes
-        failures.append(f"model is {compressed['bytes']} bytes, {over} over the {budgets.max_model_bytes}-byte budget")
+        failures.append(
+            f"model is {compressed['bytes']} bytes, {over} over the {budgets.max_model_bytes}-byte budget"
+        )
     if compressed["latency_ms"] > budgets.latency_target_ms:
         failures.append(
             f"median latency {compressed['latency_ms']:.2f} ms on this host exceeds the "
@@ -218,5 +248,7 @@ def _check_budgets(report: dict[str, Any], result: Any, reference: Any, profile:
     # Same engine: never slower than the original (10% is the timing noise of a shared host). A .tflite
     # runs in another engine than the ORT original, so there the ratio is reported, not enforced.
     if report["format"] == "onnx" and compressed["latency_ratio"] > SLOWER_TOLERANCE:
-        failures.append(f"compressed model is {compressed['latency_ratio']:.2f}x the original's latency (slower)")
+        failures.append(
+            f"compressed model is {compressed['latency_ratio']:.2f}x the original's latency (slower)"
+        )
     report["budgets"] = {"met": not failures, "failures": failures}

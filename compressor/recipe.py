@@ -41,7 +41,9 @@ class SearchOutcome:
 
 
 def _can_distill() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("torch", "torch_pruning", "onnx2torch"))
+    return all(
+        importlib.util.find_spec(name) is not None for name in ("torch", "torch_pruning", "onnx2torch")
+    )
 
 
 def candidate_recipes(profile: DeviceProfile, *, distill: bool | None = None) -> list[Recipe]:
@@ -51,13 +53,17 @@ def candidate_recipes(profile: DeviceProfile, *, distill: bool | None = None) ->
     prefix, final = base[:-1], base[-1]
     recipes = [Recipe(final, base)]
     recipes += [
-        Recipe(f"prune {sparsity:.0%} + {final}", (*prefix, "prune", final), {"prune": {"sparsity": sparsity}})
+        Recipe(
+            f"prune {sparsity:.0%} + {final}", (*prefix, "prune", final), {"prune": {"sparsity": sparsity}}
+        )
         for sparsity in spec.sparsities
     ]
     if distill if distill is not None else _can_distill():
         for width in spec.distill_widths:
             options = {"width": width, "epochs": spec.distill_epochs}
-            recipes.append(Recipe(f"distill w{width:g} + {final}", (*prefix, "distill", final), {"distill": options}))
+            recipes.append(
+                Recipe(f"distill w{width:g} + {final}", (*prefix, "distill", final), {"distill": options})
+            )
             recipes += [
                 Recipe(
                     f"distill w{width:g} + prune {ratio:.0%} channels + {final}",
@@ -109,8 +115,17 @@ def search_recipes(
         log(f"[{index + 1}/{len(candidates)}] recipe: {recipe.name}")
         try:
             result = compress(
-                model_path, profile, calibration, validation=validation, labels=labels, workdir=workdir,
-                recipe=recipe.passes, pass_options=recipe.options, log=log, seed=seed, enforce_budgets=False,
+                model_path,
+                profile,
+                calibration,
+                validation=validation,
+                labels=labels,
+                workdir=workdir,
+                recipe=recipe.passes,
+                pass_options=recipe.options,
+                log=log,
+                seed=seed,
+                enforce_budgets=False,
             )
         except BudgetError:
             raise
@@ -123,8 +138,13 @@ def search_recipes(
     fitting = [(i, r) for i, r in results if r.budgets_met]
     if not fitting:
         raise BudgetError(_refusal(profile, rows))
-    index, chosen = min(fitting, key=lambda item: (item[1].report["compressed"]["bytes"],
-                                                   item[1].report["compressed"]["latency_ratio"]))
+    index, chosen = min(
+        fitting,
+        key=lambda item: (
+            item[1].report["compressed"]["bytes"],
+            item[1].report["compressed"]["latency_ratio"],
+        ),
+    )
     for position, row in enumerate(rows):
         row["chosen"] = position == index
     chosen.report["search"] = {"chosen": rows[index]["recipe"], "candidates": rows}

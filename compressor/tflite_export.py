@@ -401,10 +401,7 @@ def convert_to_tflite(
     missing = [n for n in names if n not in first]
     if missing:
         raise DataError(f"calibration samples lack model input(s): {', '.join(missing)}")
-    specs = [
-        tf.TensorSpec(np.asarray(first[n]).shape, tf.float32, name=tflite_name(n))
-        for n in names
-    ]
+    specs = [tf.TensorSpec(np.asarray(first[n]).shape, tf.float32, name=tflite_name(n)) for n in names]
     holder = tf.Module()
     holder.forward = tf.function(_rebuild(model, tf), input_signature=specs, autograph=False)
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
@@ -428,8 +425,14 @@ class TFLiteRunner:
         initializers = {init.name for init in model.graph.initializer}
         self._outputs = tensor_specs(list(model.graph.output))
         manifest = Manifest(
-            name="candidate", version="0", profile=profile.name, engine="tflite", model_file="model.tflite",
-            inputs=tensor_specs(list(model.graph.input), initializers), outputs=self._outputs, files={},
+            name="candidate",
+            version="0",
+            profile=profile.name,
+            engine="tflite",
+            model_file="model.tflite",
+            inputs=tensor_specs(list(model.graph.input), initializers),
+            outputs=self._outputs,
+            files={},
         )
         self._backend = load_backend(manifest, data, profile)
 
@@ -439,7 +442,9 @@ class TFLiteRunner:
         return [produced[spec.name] for spec in self._outputs]
 
 
-def run_tflite(data: bytes, samples: Samples, model: onnx.ModelProto, profile: DeviceProfile) -> list[list[np.ndarray]]:
+def run_tflite(
+    data: bytes, samples: Samples, model: onnx.ModelProto, profile: DeviceProfile
+) -> list[list[np.ndarray]]:
     """Every output (float32) of a `.tflite` converted from `model`, for every sample."""
     runner = TFLiteRunner(data, model, profile)
     return [runner.run(None, sample) for sample in samples]

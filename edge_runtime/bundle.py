@@ -207,6 +207,8 @@ def _check_members(path: Path, manifest: Manifest, members: dict[str, bytes]) ->
         if data is None:
             raise BundleError(f"{path}: member '{name}' listed in the manifest is missing")
         if len(data) != entry.size or sha256_hex(data) != entry.sha256:
-            raise BundleError(f"{path}: member '{name}' does not match its sha256 in the manifest (tampered?)")
+            raise BundleError(
+                f"{path}: member '{name}' does not match its sha256 in the manifest (tampered?)"
+            )
     if manifest.model_file not in manifest.files:
         raise BundleError(f"{path}: the manifest's model file '{manifest.model_file}' is not a member")

@@ -14,11 +14,17 @@ __all__ = ["main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module:attribute, one-line help shown without importing the module)
     "demo": ("compressor.cli:demo", "Compress the embedded digits model end to end (no broker needed)."),
-    "compress": ("compressor.cli:compress", "Compress an ONNX model for a device profile into a signed bundle."),
+    "compress": (
+        "compressor.cli:compress",
+        "Compress an ONNX model for a device profile into a signed bundle.",
+    ),
     "profiles": ("edge_runtime.commands.bundles:profiles", "List the device profiles (or show one)."),
     "keygen": ("edge_runtime.commands.bundles:keygen", "Create an ed25519 signing key pair."),
     "inspect": ("edge_runtime.commands.bundles:inspect", "Show a bundle's manifest and report."),
-    "verify": ("edge_runtime.commands.bundles:verify", "Verify a bundle's signature, checksums and self-test."),
+    "verify": (
+        "edge_runtime.commands.bundles:verify",
+        "Verify a bundle's signature, checksums and self-test.",
+    ),
     "serve": ("edge_runtime.commands.serve:serve", "Run the on-device daemon (HTTP v2 + MQTT)."),
     "predict": ("edge_runtime.commands.predict:predict", "Send one inference request over HTTP or MQTT."),
 }

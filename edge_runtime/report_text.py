@@ -84,15 +84,26 @@ def format_report(report: dict[str, Any]) -> str:
     search = report.get("search")
     if search:
         search_rows = [
-            [("* " if row.get("chosen") else "  ") + row["recipe"], str(row.get("bytes", "-")),
-             _fmt(row.get("size_ratio"), "ratio"), _fmt(row.get("latency_ratio"), "ratio"),
-             _fmt(row.get("accuracy"), "pct"), _fmt(row.get("top1_agreement"), "pct"),
-             "yes" if row["budgets_met"] else "no: " + "; ".join(row.get("failures") or [row.get("error", "")])]
+            [
+                ("* " if row.get("chosen") else "  ") + row["recipe"],
+                str(row.get("bytes", "-")),
+                _fmt(row.get("size_ratio"), "ratio"),
+                _fmt(row.get("latency_ratio"), "ratio"),
+                _fmt(row.get("accuracy"), "pct"),
+                _fmt(row.get("top1_agreement"), "pct"),
+                "yes"
+                if row["budgets_met"]
+                else "no: " + "; ".join(row.get("failures") or [row.get("error", "")]),
+            ]
             for row in search["candidates"]
         ]
         parts.append("recipe search (* = chosen: the smallest within every budget):")
-        parts.append(_table(["recipe", "bytes", "smaller", "latency", "accuracy", "top-1 agree", "within budget"],
-                            search_rows))
+        parts.append(
+            _table(
+                ["recipe", "bytes", "smaller", "latency", "accuracy", "top-1 agree", "within budget"],
+                search_rows,
+            )
+        )
     budgets = report.get("budgets", {})
     parts.append(
         "budgets: met"

@@ -43,8 +43,9 @@ def run_selftest(predict: Predict, cases: list[GoldenCase], spec: GoldenSpec) ->
             actual = np.asarray(produced[name])
             if actual.shape != expected.shape:
                 return SelfTestResult(
-                    False, len(cases), f"case {index}: output '{name}' has shape {actual.shape}, "
-                    f"expected {expected.shape}"
+                    False,
+                    len(cases),
+                    f"case {index}: output '{name}' has shape {actual.shape}, expected {expected.shape}",
                 )
             if _is_classifier_output(expected):
                 agree += int(np.sum(actual.argmax(-1) == expected.argmax(-1)))
@@ -52,8 +53,10 @@ def run_selftest(predict: Predict, cases: list[GoldenCase], spec: GoldenSpec) ->
             if not np.allclose(actual, expected, rtol=spec.rtol, atol=spec.atol, equal_nan=True):
                 worst = float(np.max(np.abs(actual.astype(np.float64) - expected)))
                 return SelfTestResult(
-                    False, len(cases), f"case {index}: output '{name}' differs by up to {worst:.4g} "
-                    f"(tolerance atol={spec.atol:.4g}, rtol={spec.rtol:.4g})"
+                    False,
+                    len(cases),
+                    f"case {index}: output '{name}' differs by up to {worst:.4g} "
+                    f"(tolerance atol={spec.atol:.4g}, rtol={spec.rtol:.4g})",
                 )
     if total and agree / total < spec.min_top1_agreement:
         return SelfTestResult(

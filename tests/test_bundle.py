@@ -92,7 +92,9 @@ def test_cli_verify_inspect_and_keygen(mlp_bundle_factory, signing_keys, tmp_pat
     assert ok.exit_code == 0, ok.output
     assert "signature OK" in ok.output and "self-test passed (3 golden cases)" in ok.output
     shown = runner.invoke(cli, ["inspect", str(path)])
-    assert shown.exit_code == 0 and "mlp version 2" in shown.output and "input  input: float32" in shown.output
+    assert (
+        shown.exit_code == 0 and "mlp version 2" in shown.output and "input  input: float32" in shown.output
+    )
     keys = runner.invoke(cli, ["keygen", "-o", str(tmp_path / "k"), "--name", "fleet"])
     assert keys.exit_code == 0 and (tmp_path / "k" / "fleet.key").stat().st_mode & 0o777 == 0o600
     again = runner.invoke(cli, ["keygen", "-o", str(tmp_path / "k"), "--name", "fleet"])
@@ -105,8 +107,10 @@ def test_cli_verify_inspect_and_keygen(mlp_bundle_factory, signing_keys, tmp_pat
 
 def test_golden_cases_round_trip_exactly() -> None:
     rng = np.random.default_rng(0)
-    cases = [GoldenCase({"x": rng.normal(size=(n, 4)).astype(np.float32)}, {"y/probs": rng.random((n, 3))})
-             for n in (1, 2, 5)]
+    cases = [
+        GoldenCase({"x": rng.normal(size=(n, 4)).astype(np.float32)}, {"y/probs": rng.random((n, 3))})
+        for n in (1, 2, 5)
+    ]
     back = unpack_golden(pack_golden(cases))
     assert len(back) == 3
     for original, restored in zip(cases, back, strict=True):

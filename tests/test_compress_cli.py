@@ -23,9 +23,26 @@ def workspace(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _compress(ws: Path, *extra: str, model: str = "cnn.onnx", calib: str = "calib.npz", profile: str = "x86-vnni-gateway"):
-    args = ["compress", str(ws / model), "--profile", profile, "--calibration", str(ws / calib),
-            "--key", str(ws / "signing.key"), "-o", str(ws / "out.edgebundle"), *extra]
+def _compress(
+    ws: Path,
+    *extra: str,
+    model: str = "cnn.onnx",
+    calib: str = "calib.npz",
+    profile: str = "x86-vnni-gateway",
+):
+    args = [
+        "compress",
+        str(ws / model),
+        "--profile",
+        profile,
+        "--calibration",
+        str(ws / calib),
+        "--key",
+        str(ws / "signing.key"),
+        "-o",
+        str(ws / "out.edgebundle"),
+        *extra,
+    ]
     return CliRunner().invoke(cli, args)
 
 
@@ -60,11 +77,15 @@ def test_truncated_model(workspace: Path) -> None:
 
 def test_calibration_names_and_shapes_must_match(workspace: Path) -> None:
     np.savez(workspace / "wrong_name.npz", pixels=np.zeros((4, 3, 16, 16), np.float32))
-    _assert_clean_failure(_compress(workspace, calib="wrong_name.npz"), workspace, "'pixels' is not an input of the model")
+    _assert_clean_failure(
+        _compress(workspace, calib="wrong_name.npz"), workspace, "'pixels' is not an input of the model"
+    )
     np.savez(workspace / "wrong_shape.npz", image=np.zeros((4, 3, 8, 16), np.float32))
     _assert_clean_failure(_compress(workspace, calib="wrong_shape.npz"), workspace, "has shape [1, 3, 8, 16]")
     np.savez(workspace / "wrong_dtype.npz", image=np.zeros((4, 3, 16, 16), np.int8))
-    _assert_clean_failure(_compress(workspace, calib="wrong_dtype.npz"), workspace, "is int8, the model takes float32")
+    _assert_clean_failure(
+        _compress(workspace, calib="wrong_dtype.npz"), workspace, "is int8, the model takes float32"
+    )
     _assert_clean_failure(_compress(workspace, calib="missing.npz"), workspace, "no such file")
 
 
@@ -83,8 +104,12 @@ def test_existing_output_needs_force(workspace: Path) -> None:
 
 
 def test_budget_miss_is_refused_with_numbers(workspace: Path) -> None:
-    profile = (Path(__file__).resolve().parent.parent / "device_profiles" / "x86-vnni-gateway.toml").read_text()
-    (workspace / "tiny.toml").write_text(profile.replace("max_model_bytes = 64_000_000", "max_model_bytes = 1_000"))
+    profile = (
+        Path(__file__).resolve().parent.parent / "device_profiles" / "x86-vnni-gateway.toml"
+    ).read_text()
+    (workspace / "tiny.toml").write_text(
+        profile.replace("max_model_bytes = 64_000_000", "max_model_bytes = 1_000")
+    )
     result = _compress(workspace, profile=str(workspace / "tiny.toml"))
     assert result.exit_code == 3
     _assert_clean_failure(result, workspace, "over the 1000-byte budget")

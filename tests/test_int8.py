@@ -46,7 +46,8 @@ def small_cnn(opset: int = 11, seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], name="fc"),
     ]
     graph = helper.make_graph(
-        nodes, "small_cnn",
+        nodes,
+        "small_cnn",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
     )
@@ -59,7 +60,9 @@ def small_cnn(opset: int = 11, seed: int = 0) -> onnx.ModelProto:
 def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )[0]
 
 
 def _images(count: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -74,7 +77,9 @@ def test_preprocess_moves_constants_upgrades_opset_and_folds_batchnorm(tmp_path:
     assert "Constant" not in ops and "BatchNormalization" not in ops
     assert next(o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")) >= 13
     assert {"w1", "w2", "w3"} <= {init.name for init in prepared.graph.initializer} | {"w1"}
-    assert any("Constant" in note for note in notes) and any("opset upgraded from 11" in note for note in notes)
+    assert any("Constant" in note for note in notes) and any(
+        "opset upgraded from 11" in note for note in notes
+    )
     feed = _images(1, 0)[0]
     np.testing.assert_allclose(_run(prepared, feed), _run(model, feed), rtol=1e-4, atol=1e-5)
 
@@ -98,7 +103,9 @@ def test_int8_weight_storage_is_int8_on_disk_and_numerically_close(tmp_path: Pat
 def test_shrink_names_keeps_graph_inputs_outputs_and_results() -> None:
     model = constants_to_initializers(small_cnn(opset=13))
     short = shrink_names(model)
-    assert [i.name for i in short.graph.input] == ["image"] and [o.name for o in short.graph.output] == ["logits"]
+    assert [i.name for i in short.graph.input] == ["image"] and [o.name for o in short.graph.output] == [
+        "logits"
+    ]
     assert all(not node.name for node in short.graph.node)
     feed = _images(1, 2)[0]
     np.testing.assert_array_equal(_run(short, feed), _run(model, feed))
@@ -107,8 +114,13 @@ def test_shrink_names_keeps_graph_inputs_outputs_and_results() -> None:
 def test_int8_pass_never_mutates_input_and_reports_every_candidate(tmp_path: Path) -> None:
     prepared, _ = preprocess(small_cnn(opset=13), tmp_path)
     before = prepared.SerializeToString()
-    ctx = CompressionContext(profile=load_profile("x86-vnni-gateway"), calibration=_images(16, 3),
-                             validation=_images(8, 4), workdir=tmp_path, log=lambda line: None)
+    ctx = CompressionContext(
+        profile=load_profile("x86-vnni-gateway"),
+        calibration=_images(16, 3),
+        validation=_images(8, 4),
+        workdir=tmp_path,
+        log=lambda line: None,
+    )
     result = Int8Quantization().run(prepared, ctx)
     assert prepared.SerializeToString() == before
     report = result.report
@@ -124,8 +136,13 @@ def test_int8_pass_never_mutates_input_and_reports_every_candidate(tmp_path: Pat
 def test_compress_end_to_end_meets_budget_and_builds_golden(tmp_path: Path) -> None:
     path = tmp_path / "cnn.onnx"
     onnx.save_model(small_cnn(opset=11), str(path))
-    result = compress(path, load_profile("x86-vnni-gateway"), _images(16, 5), validation=_images(8, 6),
-                      log=lambda line: None)
+    result = compress(
+        path,
+        load_profile("x86-vnni-gateway"),
+        _images(16, 5),
+        validation=_images(8, 6),
+        log=lambda line: None,
+    )
     assert result.report["budgets"]["met"]
     assert result.report["compressed"]["size_ratio"] > 3
     assert [spec.name for spec in result.inputs] == ["image"] and result.inputs[0].shape == ("N", 3, 16, 16)
@@ -134,10 +151,13 @@ def test_compress_end_to_end_meets_budget_and_builds_golden(tmp_path: Path) -> N
     np.testing.assert_array_equal(produced, result.golden[0].outputs["logits"])
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"", "no graph nodes"),
-    (b"\x00\x01garbage that is not protobuf\xff\xff", "not an ONNX model"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "no graph nodes"),
+        (b"\x00\x01garbage that is not protobuf\xff\xff", "not an ONNX model"),
+    ],
+)
 def test_load_model_refuses_non_onnx(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "bad.onnx"
     path.write_bytes(content)

@@ -31,8 +31,15 @@ def _int8_share(model: onnx.ModelProto) -> float:
 def test_text_direction_classifier_keeps_accuracy_and_shrinks(tmp_path: Path) -> None:
     calibration, _ = text_direction_dataset(32, seed=11)
     validation, labels = text_direction_dataset(80, seed=12)
-    result = compress(ppocr_model("cls"), load_profile("x86-vnni-gateway"), calibration,
-                      validation=validation, labels=labels, workdir=tmp_path, log=lambda line: None)
+    result = compress(
+        ppocr_model("cls"),
+        load_profile("x86-vnni-gateway"),
+        calibration,
+        validation=validation,
+        labels=labels,
+        workdir=tmp_path,
+        log=lambda line: None,
+    )
     report = result.report
     original_accuracy = report["original"]["accuracy"]
     assert original_accuracy > 0.9, "the evaluation data must be meaningful for the fp32 model"
@@ -42,15 +49,23 @@ def test_text_direction_classifier_keeps_accuracy_and_shrinks(tmp_path: Path) ->
     assert report["compressed"]["size_ratio"] >= 3.5
     assert _int8_share(result.model) > 0.7
     notes = report["passes"][0]["notes"]
-    assert any("Constant" in note for note in notes) and any("opset upgraded from 11" in note for note in notes)
+    assert any("Constant" in note for note in notes) and any(
+        "opset upgraded from 11" in note for note in notes
+    )
     assert "Constant" not in {node.op_type for node in result.model.graph.node}
 
 
 def test_text_detector_map_stays_close(tmp_path: Path) -> None:
     calibration = detection_dataset(8, seed=21, size=128)
     validation = detection_dataset(6, seed=22, size=128)
-    result = compress(ppocr_model("det"), load_profile("x86-vnni-gateway"), calibration,
-                      validation=validation, workdir=tmp_path, log=lambda line: None)
+    result = compress(
+        ppocr_model("det"),
+        load_profile("x86-vnni-gateway"),
+        calibration,
+        validation=validation,
+        workdir=tmp_path,
+        log=lambda line: None,
+    )
     compressed = result.report["compressed"]
     assert compressed["fidelity"]["cosine"] >= 0.99
     assert compressed["size_ratio"] >= 3.0
@@ -64,9 +79,23 @@ def test_cli_compress_writes_a_bundle_that_verifies(tmp_path: Path) -> None:
     runner = CliRunner()
     assert runner.invoke(cli, ["keygen", "-o", str(tmp_path)]).exit_code == 0
     bundle = tmp_path / "cls.edgebundle"
-    result = runner.invoke(cli, ["compress", str(ppocr_model("cls")), "--profile", "x86-vnni-gateway",
-                                 "--calibration", str(data), "--key", str(tmp_path / "signing.key"),
-                                 "-o", str(bundle), "--name", "text-direction"])
+    result = runner.invoke(
+        cli,
+        [
+            "compress",
+            str(ppocr_model("cls")),
+            "--profile",
+            "x86-vnni-gateway",
+            "--calibration",
+            str(data),
+            "--key",
+            str(tmp_path / "signing.key"),
+            "-o",
+            str(bundle),
+            "--name",
+            "text-direction",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "budgets: met" in result.output and "compressed" in result.output
     verified = runner.invoke(cli, ["verify", str(bundle), "--key", str(tmp_path / "signing.pub")])

@@ -43,9 +43,22 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _compress(folder: Path, *extra: str, profile: str = "x86-vnni-gateway", out: str = "out.edgebundle"):
-    args = ["compress", str(folder / "teacher.onnx"), "--profile", profile, "--calibration",
-            str(folder / "train.npz"), "--validation", str(folder / "test.npz"), "--key",
-            str(folder / "signing.key"), "-o", str(folder / out), "--force", *extra]
+    args = [
+        "compress",
+        str(folder / "teacher.onnx"),
+        "--profile",
+        profile,
+        "--calibration",
+        str(folder / "train.npz"),
+        "--validation",
+        str(folder / "test.npz"),
+        "--key",
+        str(folder / "signing.key"),
+        "-o",
+        str(folder / out),
+        "--force",
+        *extra,
+    ]
     return CliRunner().invoke(cli, args)
 
 
@@ -53,7 +66,9 @@ def _search_profile(folder: Path, **budget: str) -> Path:
     """The x86 profile with a short, fixed search grid (and optionally other budgets)."""
     text = (PROFILES / "x86-vnni-gateway.toml").read_text()
     for key, value in budget.items():
-        text = "\n".join(f"{key} = {value}" if line.startswith(f"{key} =") else line for line in text.splitlines())
+        text = "\n".join(
+            f"{key} = {value}" if line.startswith(f"{key} =") else line for line in text.splitlines()
+        )
     text += "\n[compression]\nsearch = true\ndistill_widths = [0.5]\nprune_ratios = [0.5]\nsparsities = []\ndistill_epochs = 12\n"
     path = folder / f"search-{len(budget)}.toml"
     path.write_text(text)
@@ -69,7 +84,11 @@ def test_search_distills_prunes_and_quantizes_within_budget(digits: Path) -> Non
 
     report = read_bundle(digits / "out.edgebundle", None).manifest.report
     rows = report["search"]["candidates"]
-    assert [row["recipe"] for row in rows] == ["int8", "distill w0.5 + int8", "distill w0.5 + prune 50% channels + int8"]
+    assert [row["recipe"] for row in rows] == [
+        "int8",
+        "distill w0.5 + int8",
+        "distill w0.5 + prune 50% channels + int8",
+    ]
     chosen = next(row for row in rows if row["chosen"])
     assert chosen["budgets_met"] and chosen["recipe"].startswith("distill")
     assert report["compressed"]["size_ratio"] >= 8
@@ -109,7 +128,9 @@ def test_tflite_profile_gets_a_full_integer_tflite_bundle_that_the_runtime_self_
     interpreter = Interpreter(model_content=tflite)
     kinds = {detail["dtype"] for detail in interpreter.get_tensor_details()}
     assert np.int8 in kinds
-    verified = CliRunner().invoke(cli, ["verify", str(digits / "pi.edgebundle"), "--key", str(digits / "signing.pub")])
+    verified = CliRunner().invoke(
+        cli, ["verify", str(digits / "pi.edgebundle"), "--key", str(digits / "signing.pub")]
+    )
     assert verified.exit_code == 0, verified.output
     assert "self-test passed" in verified.output
 

@@ -80,8 +80,13 @@ class Candidate:
 
     def row(self) -> dict[str, Any]:
         """The candidate as one line of the report."""
-        return {"label": self.label, "int8_compute_nodes": len(self.int8_nodes), "bytes": self.size,
-                "latency_ratio": self.latency_ratio, **self.fidelity.to_dict()}
+        return {
+            "label": self.label,
+            "int8_compute_nodes": len(self.int8_nodes),
+            "bytes": self.size,
+            "latency_ratio": self.latency_ratio,
+            **self.fidelity.to_dict(),
+        }
 
 
 def meets_budgets(result: Fidelity, reference: Fidelity, budgets: Budgets) -> tuple[bool, str]:
@@ -93,7 +98,10 @@ def meets_budgets(result: Fidelity, reference: Fidelity, budgets: Budgets) -> tu
     elif result.top1_agreement is not None:
         drop = (1 - result.top1_agreement) * 100
         if drop > budgets.max_accuracy_drop_pp:
-            return False, f"top-1 agreement {result.top1_agreement:.2%} (budget: at most {budgets.max_accuracy_drop_pp} pp off)"
+            return (
+                False,
+                f"top-1 agreement {result.top1_agreement:.2%} (budget: at most {budgets.max_accuracy_drop_pp} pp off)",
+            )
     # Class scores are judged by accuracy / agreement above; cosine judges the other outputs.
     cosine = result.regression_cosine
     if cosine is not None and cosine < budgets.min_output_cosine:
@@ -114,8 +122,11 @@ class _Reader(CalibrationDataReader):
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Conv/MatMul/Gemm nodes whose weight is an initializer."""
     initializers = {init.name for init in model.graph.initializer}
-    return [node for node in model.graph.node
-            if node.op_type in COMPUTE_OPS and len(node.input) > 1 and node.input[1] in initializers]
+    return [
+        node
+        for node in model.graph.node
+        if node.op_type in COMPUTE_OPS and len(node.input) > 1 and node.input[1] in initializers
+    ]
 
 
 def node_macs(
@@ -207,8 +218,10 @@ class _Search:
         self.time([weight_only])
         rows = [weight_only.row()]
         ok, why = meets_budgets(weight_only.fidelity, self.reference_fidelity, self.ctx.profile.budgets)
-        log(f"  weight-only int8: {weight_only.size} bytes, latency x{weight_only.latency_ratio:.2f}, "
-            f"cosine {weight_only.fidelity.cosine:.4f}")
+        log(
+            f"  weight-only int8: {weight_only.size} bytes, latency x{weight_only.latency_ratio:.2f}, "
+            f"cosine {weight_only.fidelity.cosine:.4f}"
+        )
         if not ok:
             log(f"  weight-only int8 misses the budget ({why}): finding the weights to keep float")
             weight_only = self.fit_weight_storage(rows)
@@ -224,13 +237,17 @@ class _Search:
                 continue
             self.time([fitted, weight_only])
             rows.append(fitted.row())
-            log(f"  {fitted.label}: latency x{fitted.latency_ratio:.2f} vs weight-only x{weight_only.latency_ratio:.2f}")
+            log(
+                f"  {fitted.label}: latency x{fitted.latency_ratio:.2f} vs weight-only x{weight_only.latency_ratio:.2f}"
+            )
             if fitted.latency_ratio <= self.options.speedup_required * weight_only.latency_ratio and (
                 best is weight_only or fitted.latency_ratio < best.latency_ratio
             ):
                 best = fitted
-                decision = (f"int8 compute on {len(fitted.int8_nodes)} of {len(self.nodes)} nodes "
-                            f"(measured faster, within budget); the rest compute in float with int8 weights")
+                decision = (
+                    f"int8 compute on {len(fitted.int8_nodes)} of {len(self.nodes)} nodes "
+                    f"(measured faster, within budget); the rest compute in float with int8 weights"
+                )
                 break
         return best, rows, decision
 
@@ -257,7 +274,9 @@ class _Search:
 
         count = _smallest_passing(len(ranking), passes)
         if count is None:
-            why = meets_budgets(trials[len(ranking)].fidelity, self.reference_fidelity, self.ctx.profile.budgets)[1]
+            why = meets_budgets(
+                trials[len(ranking)].fidelity, self.reference_fidelity, self.ctx.profile.budgets
+            )[1]
             raise CompressionError(f"even int8 weight storage with float compute misses the budget: {why}")
         self.float_weights = frozenset(ranking[:count])
         return trials[count]
@@ -283,8 +302,10 @@ class _Search:
             candidate = self.evaluate(f"int8 compute, top {share:.0%} MACs", key)
             self.time([candidate, weight_only])
             rows.append(candidate.row())
-            self.ctx.log(f"  {candidate.label}: {len(key)} nodes, latency x{candidate.latency_ratio:.2f}, "
-                         f"cosine {candidate.fidelity.cosine:.4f}")
+            self.ctx.log(
+                f"  {candidate.label}: {len(key)} nodes, latency x{candidate.latency_ratio:.2f}, "
+                f"cosine {candidate.fidelity.cosine:.4f}"
+            )
             if candidate.latency_ratio <= self.options.speedup_required * weight_only.latency_ratio:
                 fast.append(candidate)
         return sorted(fast, key=lambda c: c.latency_ratio)
@@ -309,7 +330,9 @@ class _Search:
     def damage_ranking(self, candidate: Candidate) -> list[str]:
         """Int8 nodes ordered by the signal-to-noise (dB) they cost, measured on a few samples."""
         by_name = {node.name: node for node in self.nodes}
-        tensors = sorted({t for name in candidate.int8_nodes for t in (by_name[name].input[0], by_name[name].output[0])})
+        tensors = sorted(
+            {t for name in candidate.int8_nodes for t in (by_name[name].input[0], by_name[name].output[0])}
+        )
         samples = list(self.ctx.validation[:4])
         float_values = _tensor_values(self.model, tensors, samples, self.ctx.profile)
         quant_values = _tensor_values(candidate.named_model, tensors, samples, self.ctx.profile)
@@ -347,20 +370,34 @@ class _Search:
         calibration = list(self.ctx.calibration[: self.options.calibration_samples])
         if not self.cache_path.exists():  # calibrate every candidate tensor once, reuse for all subsets
             quantize_static(
-                str(self.model_path), str(output), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=[*COMPUTE_OPS, *ABSORBED_OPS], nodes_to_quantize=self.all_nodes_with_absorbed(),
-                per_channel=scheme.per_channel, reduce_range=scheme.reduce_range,
-                activation_type=types[scheme.activation_type], weight_type=types[scheme.weight_type],
+                str(self.model_path),
+                str(output),
+                _Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=[*COMPUTE_OPS, *ABSORBED_OPS],
+                nodes_to_quantize=self.all_nodes_with_absorbed(),
+                per_channel=scheme.per_channel,
+                reduce_range=scheme.reduce_range,
+                activation_type=types[scheme.activation_type],
+                weight_type=types[scheme.weight_type],
                 calibrate_method=CalibrationMethod[self.options.calibrate_method],
-                calibration_cache_path=str(self.cache_path), extra_options=self.extra_options(),
+                calibration_cache_path=str(self.cache_path),
+                extra_options=self.extra_options(),
             )
         quantize_static(
-            str(self.model_path), str(output), None, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=[*COMPUTE_OPS, *ABSORBED_OPS], nodes_to_quantize=self.with_absorbed(int8_nodes),
-            per_channel=scheme.per_channel, reduce_range=scheme.reduce_range,
-            activation_type=types[scheme.activation_type], weight_type=types[scheme.weight_type],
+            str(self.model_path),
+            str(output),
+            None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=[*COMPUTE_OPS, *ABSORBED_OPS],
+            nodes_to_quantize=self.with_absorbed(int8_nodes),
+            per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range,
+            activation_type=types[scheme.activation_type],
+            weight_type=types[scheme.weight_type],
             calibrate_method=CalibrationMethod[self.options.calibrate_method],
-            calibration_cache_path=str(self.cache_path), extra_options=self.extra_options(),
+            calibration_cache_path=str(self.cache_path),
+            extra_options=self.extra_options(),
         )
         return onnx.load_model(str(output))
 
@@ -377,8 +414,11 @@ class _Search:
         """`names` plus the Relu/Clip nodes directly consuming their outputs."""
         chosen = set(names)
         outputs = {node.output[0] for node in self.model.graph.node if node.name in chosen}
-        absorbed = [node.name for node in self.model.graph.node
-                    if node.op_type in ABSORBED_OPS and node.input and node.input[0] in outputs]
+        absorbed = [
+            node.name
+            for node in self.model.graph.node
+            if node.op_type in ABSORBED_OPS and node.input and node.input[0] in outputs
+        ]
         return sorted(chosen) + absorbed
 
     def time(self, candidates: list[Candidate]) -> None:
@@ -416,7 +456,9 @@ def _smallest_passing(limit: int, passes: Callable[[int], bool]) -> int | None:
     return high
 
 
-def _tensor_values(model: onnx.ModelProto, tensors: list[str], samples: Samples, profile: DeviceProfile) -> dict[str, list[np.ndarray]]:
+def _tensor_values(
+    model: onnx.ModelProto, tensors: list[str], samples: Samples, profile: DeviceProfile
+) -> dict[str, list[np.ndarray]]:
     """Values of intermediate tensors (those the model has) over a few samples."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

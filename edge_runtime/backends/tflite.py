@@ -149,7 +149,8 @@ class TfliteBackend:
             wanted = {tflite_name(spec.name): spec.name for spec in specs}
             slots = tuple(
                 replace(slot, spec=replace(slot.spec, name=wanted[slot.spec.name]))
-                if slot.spec.name in wanted else slot
+                if slot.spec.name in wanted
+                else slot
                 for slot in getattr(self, attribute)
             )
             setattr(self, attribute, slots)
