@@ -102,7 +102,7 @@ def compress(
     for note in data.notes:
         _echo(f"note: {note}")
     int8_options = {"calibrate_method": calibrate_method, "allow_int8_compute": not float_compute}
-    searching = profile.compression.search if search is None else search
+    searching = (profile.compression.search and not recipe) if search is None else search
     if searching and recipe:
         raise UsageError("--recipe and --search exclude each other: a search tries its own recipes")
     if chart and not searching:
