@@ -354,8 +354,9 @@ def _feeds(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
-def _rebuild(model: onnx.ModelProto, tf: Any) -> Callable[..., list[Any]]:
-    """A TF function computing `model`'s outputs from its inputs (NCHW in and out)."""
+def _rebuild(model: onnx.ModelProto, tf: Any) -> Callable[..., dict[str, Any]]:
+    """A TF function computing `model`'s outputs, keyed by their TF-safe names (the signature's
+    output names, which the runtime maps back to the manifest's), from its inputs (NCHW)."""
     missing = unsupported_tflite_ops(model)
     if missing:
         raise CompressionError(
@@ -364,7 +365,7 @@ def _rebuild(model: onnx.ModelProto, tf: Any) -> Callable[..., list[Any]]:
         )
     handlers = _handlers()
 
-    def forward(*inputs: Any) -> list[Any]:
+    def forward(*inputs: Any) -> dict[str, Any]:
         g = _Graph(model, tf)
         for node in model.graph.node:
             if node.op_type == "Constant":

@@ -54,7 +54,10 @@ class PassResult:
 class Pass(Protocol):
     """One compression step (fold, prune, distill, quantize...)."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The pass's registry name."""
+        ...
 
     def supports(self, model: onnx.ModelProto) -> bool:
         """Whether this pass can do anything useful on `model`."""
