@@ -282,9 +282,11 @@ class _Search:
         return trials[count]
 
     def fast_candidates(self, weight_only: Candidate, rows: list[dict[str, Any]]) -> list[Candidate]:
-        """Int8 sets by MAC share, timed; those not faster than weight-only are dropped."""
+        """Int8 sets by MAC share, timed; those not faster than weight-only are dropped. Nodes whose
+        weight already proved too sensitive for int8 storage are never candidates."""
         macs = node_macs(self.model, self.nodes, self.timing_feed, self.ctx.profile)
-        ordered = sorted(self.nodes, key=lambda node: -macs[node.name])
+        eligible = [node for node in self.nodes if node.input[1] not in self.float_weights]
+        ordered = sorted(eligible, key=lambda node: -macs[node.name])
         total = sum(macs.values()) or 1.0
         seen: set[tuple[str, ...]] = set()
         fast = []
