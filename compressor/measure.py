@@ -10,9 +10,10 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_runtime.errors import DataError, ModelError
-from edge_runtime.profiles import DeviceProfile
+from edge_runtime.profiles import Budgets, DeviceProfile
+from edge_runtime.selftest import is_class_scores
 
-__all__ = ["Fidelity", "compare_latency", "fidelity", "make_session", "run_all"]
+__all__ = ["Fidelity", "compare_latency", "fidelity", "make_session", "meets_budgets", "run_all"]
 
 Samples = Sequence[Mapping[str, np.ndarray]]
 
@@ -65,10 +66,6 @@ class Fidelity:
         return asdict(self)
 
 
-def _is_classifier(output: np.ndarray) -> bool:
-    return output.dtype.kind == "f" and output.ndim in (2, 3) and output.shape[-1] > 1
-
-
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     denominator = np.linalg.norm(a64) * np.linalg.norm(b64)
@@ -94,11 +91,11 @@ def fidelity(
                 continue
             per_sample.append(_cosine(ref, cand))
             max_abs = max(max_abs, float(np.max(np.abs(ref.astype(np.float64) - cand))) if ref.size else 0.0)
-            if _is_classifier(ref):
+            if is_class_scores(ref):
                 agree += int(np.sum(ref.argmax(-1) == cand.argmax(-1)))
                 total += int(np.prod(ref.shape[:-1]))
         cosines.append(float(np.mean(per_sample)))
-        if not _is_classifier(reference[0][output_index]):
+        if not is_class_scores(reference[0][output_index]):
             regression.append(cosines[-1])
     accuracy = None
     if labels is not None:
@@ -116,7 +113,7 @@ def fidelity(
 
 def _first_classifier(outputs: list[np.ndarray]) -> np.ndarray:
     for output in outputs:
-        if _is_classifier(output):
+        if is_class_scores(output):
             return output
     raise DataError("labels were given but the model has no classifier-like output ([N, classes])")
 
@@ -142,3 +139,23 @@ def compare_latency(
             timings[name].append(time.perf_counter() - begin)
         done += 1
     return {name: float(np.median(values) * 1e3) for name, values in timings.items()}
+
+
+def meets_budgets(result: Fidelity, reference: Fidelity, budgets: Budgets) -> tuple[bool, str]:
+    """Whether a candidate's fidelity fits the profile's accuracy budgets, and if not, why."""
+    if result.accuracy is not None and reference.accuracy is not None:
+        drop = (reference.accuracy - result.accuracy) * 100
+        if drop > budgets.max_accuracy_drop_pp:
+            return False, f"accuracy drops {drop:.2f} pp (budget {budgets.max_accuracy_drop_pp} pp)"
+    elif result.top1_agreement is not None:
+        drop = (1 - result.top1_agreement) * 100
+        if drop > budgets.max_accuracy_drop_pp:
+            return (
+                False,
+                f"top-1 agreement {result.top1_agreement:.2%} (budget: at most {budgets.max_accuracy_drop_pp} pp off)",
+            )
+    # Class scores are judged by accuracy / agreement above; cosine judges the other outputs.
+    cosine = result.regression_cosine
+    if cosine is not None and cosine < budgets.min_output_cosine:
+        return False, f"output cosine {cosine:.4f} below {budgets.min_output_cosine}"
+    return True, ""

@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compressor.measure import compare_latency, fidelity, make_session, run_all
+from compressor.measure import compare_latency, fidelity, make_session, meets_budgets, run_all
 from compressor.onnx_model import load_model, op_counts, tensor_specs
 from compressor.passes import DEFAULT_RECIPE, create_pass
 from compressor.passes.base import CompressionContext
-from compressor.passes.quantize import meets_budgets
 from edge_runtime.bundle import GoldenCase
 from edge_runtime.errors import BudgetError, CompressionError, DataError
 from edge_runtime.manifest import GoldenSpec, TensorSpec

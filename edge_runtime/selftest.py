@@ -10,7 +10,7 @@ import numpy as np
 from edge_runtime.bundle import GoldenCase
 from edge_runtime.manifest import GoldenSpec
 
-__all__ = ["SelfTestResult", "run_selftest"]
+__all__ = ["SelfTestResult", "is_class_scores", "run_selftest"]
 
 Predict = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
@@ -24,9 +24,9 @@ class SelfTestResult:
     reason: str = ""
 
 
-def _is_classifier_output(expected: np.ndarray) -> bool:
-    """Rank-2/3 float outputs whose last axis holds class scores."""
-    return expected.dtype.kind == "f" and expected.ndim in (2, 3) and expected.shape[-1] > 1
+def is_class_scores(output: np.ndarray) -> bool:
+    """Rank-2/3 float outputs whose last axis holds class scores (judged by arg-max agreement)."""
+    return output.dtype.kind == "f" and output.ndim in (2, 3) and output.shape[-1] > 1
 
 
 def run_selftest(predict: Predict, cases: list[GoldenCase], spec: GoldenSpec) -> SelfTestResult:
@@ -47,7 +47,7 @@ def run_selftest(predict: Predict, cases: list[GoldenCase], spec: GoldenSpec) ->
                     len(cases),
                     f"case {index}: output '{name}' has shape {actual.shape}, expected {expected.shape}",
                 )
-            if _is_classifier_output(expected):
+            if is_class_scores(expected):
                 agree += int(np.sum(actual.argmax(-1) == expected.argmax(-1)))
                 total += int(np.prod(expected.shape[:-1]))
             if not np.allclose(actual, expected, rtol=spec.rtol, atol=spec.atol, equal_nan=True):

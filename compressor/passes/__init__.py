@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from compressor.passes.base import CompressionContext, Pass, PassResult
+from edge_runtime.errors import UsageError
 
 __all__ = ["DEFAULT_RECIPE", "REGISTRY", "CompressionContext", "Pass", "PassResult", "create_pass"]
 
@@ -62,8 +63,6 @@ DEFAULT_RECIPE = ("prepare", "int8")
 
 def create_pass(name: str, **options: Any) -> Pass:
     """Build a registered pass by name."""
-    from edge_runtime.errors import UsageError
-
     if name not in REGISTRY:
         raise UsageError(f"unknown compression pass '{name}' (known: {', '.join(REGISTRY)})")
     return REGISTRY[name](**options)

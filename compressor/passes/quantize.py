@@ -34,13 +34,13 @@ from onnxruntime.quantization import (
 )
 
 from compressor.int8_weights import store_small_floats_fp16, store_weights_int8
-from compressor.measure import Fidelity, compare_latency, fidelity, make_session, run_all
+from compressor.measure import Fidelity, compare_latency, fidelity, make_session, meets_budgets, run_all
 from compressor.onnx_model import shrink_names
 from compressor.passes.base import CompressionContext, PassResult, Samples
 from edge_runtime.errors import CompressionError
-from edge_runtime.profiles import Budgets, DeviceProfile, QuantDtype
+from edge_runtime.profiles import DeviceProfile, QuantDtype
 
-__all__ = ["Int8Options", "Int8Quantization", "meets_budgets"]
+__all__ = ["Int8Options", "Int8Quantization"]
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 ABSORBED_OPS = ("Relu", "Clip")
@@ -87,26 +87,6 @@ class Candidate:
             "latency_ratio": self.latency_ratio,
             **self.fidelity.to_dict(),
         }
-
-
-def meets_budgets(result: Fidelity, reference: Fidelity, budgets: Budgets) -> tuple[bool, str]:
-    """Whether a candidate's fidelity fits the profile's accuracy budgets, and if not, why."""
-    if result.accuracy is not None and reference.accuracy is not None:
-        drop = (reference.accuracy - result.accuracy) * 100
-        if drop > budgets.max_accuracy_drop_pp:
-            return False, f"accuracy drops {drop:.2f} pp (budget {budgets.max_accuracy_drop_pp} pp)"
-    elif result.top1_agreement is not None:
-        drop = (1 - result.top1_agreement) * 100
-        if drop > budgets.max_accuracy_drop_pp:
-            return (
-                False,
-                f"top-1 agreement {result.top1_agreement:.2%} (budget: at most {budgets.max_accuracy_drop_pp} pp off)",
-            )
-    # Class scores are judged by accuracy / agreement above; cosine judges the other outputs.
-    cosine = result.regression_cosine
-    if cosine is not None and cosine < budgets.min_output_cosine:
-        return False, f"output cosine {cosine:.4f} below {budgets.min_output_cosine}"
-    return True, ""
 
 
 class _Reader(CalibrationDataReader):
