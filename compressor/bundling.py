@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from compressor.pipeline import CompressionResult
-from edge_runtime import signing
-from edge_runtime.bundle import pack_golden, write_bundle
-from edge_runtime.manifest import Manifest
-from edge_runtime.profiles import DeviceProfile
+from edge_runtime.artifact import signing
+from edge_runtime.artifact.bundle import write_bundle
+from edge_runtime.artifact.golden import pack_golden
+from edge_runtime.artifact.manifest import Manifest
+from edge_runtime.config.profiles import DeviceProfile
 
 __all__ = ["write_result_bundle"]
 

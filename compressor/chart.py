@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import UsageError
+from edge_runtime.core.errors import UsageError
 
 __all__ = ["write_search_chart"]
 

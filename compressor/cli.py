@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edge_runtime.errors import UsageError
+from edge_runtime.core.errors import UsageError
 
 __all__ = ["compress", "demo"]
 
@@ -82,9 +82,9 @@ def compress(
     from compressor.data import load_dataset, split
     from compressor.onnx_model import load_model, tensor_specs
     from compressor.pipeline import compress as run_compress
-    from edge_runtime.profiles import load_profile
-    from edge_runtime.report_text import format_report
-    from edge_runtime.signing import load_private_key
+    from edge_runtime.artifact.report_text import format_report
+    from edge_runtime.artifact.signing import load_private_key
+    from edge_runtime.config.profiles import load_profile
 
     if output.exists() and not force:
         raise UsageError(f"{output} already exists (use --force to overwrite)")
@@ -159,12 +159,12 @@ def demo(profile_name: str, output_dir: Path | None) -> None:
     from compressor.bundling import write_result_bundle
     from compressor.demo_model import train_digits_model
     from compressor.pipeline import compress as run_compress
-    from edge_runtime.backends import load_backend
-    from edge_runtime.bundle import read_bundle
-    from edge_runtime.profiles import load_profile
-    from edge_runtime.report_text import format_report
-    from edge_runtime.selftest import run_selftest
-    from edge_runtime.signing import generate_keypair, load_private_key, load_public_key
+    from edge_runtime.artifact.bundle import read_bundle
+    from edge_runtime.artifact.report_text import format_report
+    from edge_runtime.artifact.signing import generate_keypair, load_private_key, load_public_key
+    from edge_runtime.config.profiles import load_profile
+    from edge_runtime.engines import load_backend
+    from edge_runtime.engines.selftest import run_selftest
 
     profile = load_profile(profile_name)
     workdir = output_dir or Path(tempfile.mkdtemp(prefix="edgectl-demo-"))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.errors import DataError
-from edge_runtime.manifest import TensorSpec
+from edge_runtime.core.errors import DataError
+from edge_runtime.core.types import TensorSpec
 
 __all__ = ["LABELS_KEY", "Dataset", "check_samples", "load_dataset", "split"]
 

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnxruntime as ort
 
-from edge_runtime.errors import DataError, ModelError
-from edge_runtime.profiles import Budgets, DeviceProfile
-from edge_runtime.selftest import is_class_scores
+from edge_runtime.config.profiles import Budgets, DeviceProfile
+from edge_runtime.core.errors import DataError, ModelError
+from edge_runtime.engines.selftest import is_class_scores
 
 __all__ = ["Fidelity", "compare_latency", "fidelity", "make_session", "meets_budgets", "run_all"]
 

@@ -13,8 +13,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from edge_runtime.errors import ModelError
-from edge_runtime.manifest import TensorSpec
+from edge_runtime.core.errors import ModelError
+from edge_runtime.core.types import TensorSpec
 
 __all__ = [
     "MIN_QDQ_OPSET",

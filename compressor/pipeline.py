@@ -17,10 +17,11 @@ from compressor.measure import compare_latency, fidelity, make_session, meets_bu
 from compressor.onnx_model import load_model, op_counts, tensor_specs
 from compressor.passes import DEFAULT_RECIPE, create_pass
 from compressor.passes.base import CompressionContext
-from edge_runtime.bundle import GoldenCase
-from edge_runtime.errors import BudgetError, CompressionError, DataError
-from edge_runtime.manifest import GoldenSpec, TensorSpec
-from edge_runtime.profiles import DeviceProfile, Engine
+from edge_runtime.artifact.golden import GoldenCase
+from edge_runtime.artifact.manifest import GoldenSpec
+from edge_runtime.config.profiles import DeviceProfile, Engine
+from edge_runtime.core.errors import BudgetError, CompressionError, DataError
+from edge_runtime.core.types import TensorSpec
 
 __all__ = ["CompressionResult", "compress", "default_recipe", "host_cpu"]
 

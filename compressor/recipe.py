@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from compressor.pipeline import CompressionResult, compress, default_recipe
-from edge_runtime.errors import BudgetError, CompressionError
-from edge_runtime.profiles import DeviceProfile
+from edge_runtime.config.profiles import DeviceProfile
+from edge_runtime.core.errors import BudgetError, CompressionError
 
 __all__ = ["Recipe", "SearchOutcome", "candidate_recipes", "search_recipes"]
 

@@ -37,11 +37,11 @@ from compressor.measure import fidelity
 from compressor.onnx_model import tensor_specs
 from compressor.passes._metrics import run_onnx
 from compressor.passes.base import CompressionContext, PassResult, Samples
-from edge_runtime.backends import load_backend
-from edge_runtime.backends.tflite import tflite_name
-from edge_runtime.errors import CompressionError, DataError
-from edge_runtime.manifest import Manifest
-from edge_runtime.profiles import DeviceProfile
+from edge_runtime.artifact.manifest import Manifest
+from edge_runtime.config.profiles import DeviceProfile
+from edge_runtime.core.errors import CompressionError, DataError
+from edge_runtime.engines import load_backend
+from edge_runtime.engines.tflite import tflite_name
 
 __all__ = [
     "SUPPORTED_OPS",

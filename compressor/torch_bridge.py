@@ -29,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from compressor.passes.base import Samples
-from edge_runtime.errors import CompressionError
+from edge_runtime.core.errors import CompressionError
 
 if TYPE_CHECKING:
     import torch

@@ -18,20 +18,22 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from edge_runtime import signing
-from edge_runtime.dataplane import DataPlane
-from edge_runtime.profiles import load_profile
-from edge_runtime.registry import LoadFailure, ModelRegistry
-from edge_runtime.settings import Settings
-from edge_runtime.store import ModelStore
-from edge_runtime.telemetry import Health, TelemetryLoop, assess_health
-from edge_runtime.topics import DeviceTopics
+from edge_runtime.artifact import signing
+from edge_runtime.config.profiles import load_profile
+from edge_runtime.config.settings import Settings
+from edge_runtime.serving.dataplane import DataPlane
+from edge_runtime.serving.registry import LoadFailure, ModelRegistry
+from edge_runtime.state.store import ModelStore
+from edge_runtime.telemetry.health import Health, assess_health
+from edge_runtime.telemetry.loop import TelemetryLoop
+from edge_runtime.transports.mqtt.topics import DeviceTopics
 
 if TYPE_CHECKING:  # imported in start() only when enabled: a disabled transport costs no memory
-    from edge_runtime.http_server import HttpServer
-    from edge_runtime.mqtt_link import MqttLink
-    from edge_runtime.mqtt_service import MqttService
-    from edge_runtime.outbox import Outbox, OutboxSender
+    from edge_runtime.state.outbox import Outbox
+    from edge_runtime.transports.http.server import HttpServer
+    from edge_runtime.transports.mqtt.infer import MqttService
+    from edge_runtime.transports.mqtt.link import MqttLink
+    from edge_runtime.transports.mqtt.sender import OutboxSender
 
 __all__ = ["Daemon", "sd_notify"]
 
@@ -132,7 +134,7 @@ class Daemon:
         self.failures = self.registry.load_all(store)
         self.dataplane = DataPlane(self.registry, max_request_bytes=settings.max_request_bytes)
         if settings.http.enabled:
-            from edge_runtime.http_server import HttpServer
+            from edge_runtime.transports.http.server import HttpServer
 
             self.http = HttpServer(self.dataplane, settings.http.host, settings.http.port)
             self.http.start()
@@ -144,10 +146,11 @@ class Daemon:
         )
 
     def _start_mqtt(self, dataplane: DataPlane) -> None:
-        from edge_runtime.mqtt_link import MqttLink, Will
-        from edge_runtime.mqtt_service import MqttService
-        from edge_runtime.outbox import Outbox, OutboxSender
-        from edge_runtime.payloads import EventKind, Presence, encode_event, encode_presence
+        from edge_runtime.codecs.payloads import EventKind, Presence, encode_event, encode_presence
+        from edge_runtime.state.outbox import Outbox
+        from edge_runtime.transports.mqtt.infer import MqttService
+        from edge_runtime.transports.mqtt.link import MqttLink, Will
+        from edge_runtime.transports.mqtt.sender import OutboxSender
 
         settings, topics = self.settings, self.topics
         self.outbox = outbox = Outbox(Path(settings.outbox.path), settings.outbox.max_records)

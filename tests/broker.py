@@ -220,7 +220,7 @@ class Probe:
 
 def install_models(store_dir: Path, public_key: object, profile: object, bundles: list[Path]) -> None:
     """Install and activate bundles in a model store folder."""
-    from edge_runtime.store import ModelStore
+    from edge_runtime.state.store import ModelStore
 
     store = ModelStore(store_dir, public_key, profile)  # type: ignore[arg-type]
     for bundle in bundles:

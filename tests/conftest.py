@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_runtime import signing
-from edge_runtime.bundle import GoldenCase, pack_golden, write_bundle
-from edge_runtime.manifest import GoldenSpec, Manifest, TensorSpec
-from edge_runtime.profiles import DeviceProfile, load_profile
+from edge_runtime.artifact import signing
+from edge_runtime.artifact.bundle import write_bundle
+from edge_runtime.artifact.golden import GoldenCase, pack_golden
+from edge_runtime.artifact.manifest import GoldenSpec, Manifest
+from edge_runtime.config.profiles import DeviceProfile, load_profile
+from edge_runtime.core.types import TensorSpec
 from tests.mlp_models import (
     INPUT_NAME,
     OUTPUT_NAME,

@@ -11,9 +11,10 @@ import threading
 import numpy as np
 import pytest
 
-from edge_runtime.backends import Backend, load_backend
-from edge_runtime.errors import ModelError, RequestError
-from edge_runtime.manifest import Manifest, TensorSpec
+from edge_runtime.artifact.manifest import Manifest
+from edge_runtime.core.errors import ModelError, RequestError
+from edge_runtime.core.types import TensorSpec
+from edge_runtime.engines import Backend, load_backend
 from tests.conftest import require_tflite
 from tests.mlp_models import (
     INPUT_NAME,
@@ -169,8 +170,8 @@ def test_tflite_int8_model_is_seen_as_float(device_profile):
 def test_runtime_modules_import_without_onnx_or_tflite():
     code = (
         "import sys\n"
-        "import edge_runtime.http_server, edge_runtime.store, edge_runtime.registry, edge_runtime.v2codec\n"
-        "import edge_runtime.backends.onnx, edge_runtime.backends.tflite\n"
+        "import edge_runtime.transports.http.server, edge_runtime.state.store, edge_runtime.serving.registry, edge_runtime.codecs.v2\n"
+        "import edge_runtime.engines.onnx, edge_runtime.engines.tflite\n"
         "heavy = {'onnx', 'tensorflow', 'torch', 'compressor', 'ai_edge_litert', 'tflite_runtime'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge_runtime.bundle import GoldenCase, pack_golden, read_bundle, unpack_golden
+from edge_runtime.artifact.bundle import read_bundle
+from edge_runtime.artifact.golden import GoldenCase, pack_golden, unpack_golden
 from edge_runtime.cli import cli
-from edge_runtime.errors import BundleError, SignatureError, UsageError
+from edge_runtime.core.errors import BundleError, SignatureError, UsageError
 from tests.conftest import make_keys
 
 

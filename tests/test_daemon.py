@@ -19,10 +19,10 @@ import tritonclient.http as triton
 from click.testing import CliRunner
 
 from edge_runtime.cli import cli
+from edge_runtime.config.settings import load_settings
 from edge_runtime.daemon import Daemon, sd_notify
-from edge_runtime.settings import load_settings
-from edge_runtime.store import ModelStore
-from edge_runtime.topics import DeviceTopics
+from edge_runtime.state.store import ModelStore
+from edge_runtime.transports.mqtt.topics import DeviceTopics
 from tests.broker import Broker, Probe, broker_fixture, free_port, install_models, write_daemon_config  # noqa: F401 (fixture)
 from tests.mlp_models import INPUT_NAME, OUTPUT_NAME, make_weights, reference_forward
 

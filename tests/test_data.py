@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from compressor.data import load_dataset, split
-from edge_runtime.errors import DataError
-from edge_runtime.manifest import TensorSpec
+from edge_runtime.core.errors import DataError
+from edge_runtime.core.types import TensorSpec
 
 IMAGE = (TensorSpec("image", "float32", ("N", 3, 4, 4)),)
 TWO_INPUTS = (TensorSpec("ids", "int64", ("N", 8)), TensorSpec("mask", "int64", ("N", 8)))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_runtime.dataplane import DataPlane, InferRequest
-from edge_runtime.errors import NotFoundError, PayloadTooLarge, RequestError
-from edge_runtime.registry import ModelRegistry
-from edge_runtime.store import ModelStore
+from edge_runtime.core.errors import NotFoundError, PayloadTooLarge, RequestError
+from edge_runtime.core.types import InferRequest
+from edge_runtime.serving.dataplane import DataPlane
+from edge_runtime.serving.registry import ModelRegistry
+from edge_runtime.state.store import ModelStore
 from tests.mlp_models import INPUT_NAME, OUTPUT_NAME, make_weights, reference_forward
 
 

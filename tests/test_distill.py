@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.passes._metrics import run_onnx, stack_outputs
 from compressor.passes.base import CompressionContext
 from compressor.passes.distill import DistillOptions, DistillPass
-from edge_runtime.errors import CompressionError, DataError
-from edge_runtime.profiles import load_profile
+from edge_runtime.config.profiles import load_profile
+from edge_runtime.core.errors import CompressionError, DataError
 
 PROFILE = load_profile("x86-vnni-gateway")
 

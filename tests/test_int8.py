@@ -15,8 +15,8 @@ from compressor.onnx_model import constants_to_initializers, load_model, preproc
 from compressor.passes.base import CompressionContext
 from compressor.passes.quantize import Int8Quantization
 from compressor.pipeline import compress
-from edge_runtime.errors import ModelError
-from edge_runtime.profiles import load_profile
+from edge_runtime.config.profiles import load_profile
+from edge_runtime.core.errors import ModelError
 
 
 def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:

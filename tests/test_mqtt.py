@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_runtime.config.profiles import load_profile
+from edge_runtime.config.settings import MqttProtocol, MqttSettings, load_settings
+from edge_runtime.core.types import InferRequest, InferResponse
 from edge_runtime.daemon import Daemon
-from edge_runtime.dataplane import DataPlane, InferRequest, InferResponse
-from edge_runtime.mqtt_link import MqttLink
-from edge_runtime.mqtt_service import MqttService
-from edge_runtime.profiles import load_profile
-from edge_runtime.registry import ModelRegistry
-from edge_runtime.settings import MqttProtocol, MqttSettings, load_settings
-from edge_runtime.store import ModelStore
-from edge_runtime.topics import DeviceTopics
+from edge_runtime.serving.dataplane import DataPlane
+from edge_runtime.serving.registry import ModelRegistry
+from edge_runtime.state.store import ModelStore
+from edge_runtime.transports.mqtt.infer import MqttService
+from edge_runtime.transports.mqtt.link import MqttLink
+from edge_runtime.transports.mqtt.topics import DeviceTopics
 from tests.broker import Broker, Probe, broker_fixture, install_models, require_binary, write_daemon_config  # noqa: F401 (fixture)
 from tests.mlp_models import INPUT_NAME, OUTPUT_NAME, make_weights, reference_forward
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.errors import UsageError
-from edge_runtime.mqtt_link import MqttLink
-from edge_runtime.outbox import Outbox, OutboxSender
-from edge_runtime.settings import MqttSettings
+from edge_runtime.config.settings import MqttSettings
+from edge_runtime.core.errors import UsageError
+from edge_runtime.state.outbox import Outbox
+from edge_runtime.transports.mqtt.link import MqttLink
+from edge_runtime.transports.mqtt.sender import OutboxSender
 from tests.broker import Broker, Probe, broker_fixture, eventually  # noqa: F401 (fixture)
 
 
@@ -63,7 +64,7 @@ def test_records_survive_a_killed_process(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys
-        from edge_runtime.outbox import Outbox
+        from edge_runtime.state.outbox import Outbox
         box = Outbox({str(path)!r}, max_records=100000)
         for i in range(100000):
             seq = box.put("t", b"%d" % i)

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from edge_runtime.cli import cli
-from edge_runtime.errors import ProfileError
-from edge_runtime.profiles import Engine, QuantDtype, list_profiles, load_profile
+from edge_runtime.config.profiles import Engine, QuantDtype, list_profiles, load_profile
+from edge_runtime.core.errors import ProfileError
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
 

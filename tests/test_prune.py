@@ -23,8 +23,8 @@ from compressor.passes.prune import (
     magnitude_prune,
     prunable_weights,
 )
-from edge_runtime.errors import UsageError
-from edge_runtime.profiles import load_profile
+from edge_runtime.config.profiles import load_profile
+from edge_runtime.core.errors import UsageError
 
 PROFILE = load_profile("x86-vnni-gateway")
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from onnx import TensorProto
 
 from compressor.pipeline import compress
-from edge_runtime.bundle import read_bundle
+from edge_runtime.artifact.bundle import read_bundle
 from edge_runtime.cli import cli
-from edge_runtime.profiles import load_profile
+from edge_runtime.config.profiles import load_profile
 from tools.zoo import detection_dataset, ppocr_model, text_direction_dataset
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_runtime.cli import cli
-from edge_runtime.profiles import load_profile, parse_profile
+from edge_runtime.config.profiles import load_profile, parse_profile
 
 pytestmark = pytest.mark.slow
 PROFILES = Path(__file__).resolve().parent.parent / "device_profiles"
@@ -80,7 +80,7 @@ def test_search_distills_prunes_and_quantizes_within_budget(digits: Path) -> Non
     result = _compress(digits, "--chart", str(digits / "search.png"), profile=str(_search_profile(digits)))
     assert result.exit_code == 0, result.output
     assert "recipe search" in result.output and "* distill w0.5" in result.output
-    from edge_runtime.bundle import read_bundle
+    from edge_runtime.artifact.bundle import read_bundle
 
     report = read_bundle(digits / "out.edgebundle", None).manifest.report
     rows = report["search"]["candidates"]

@@ -8,9 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from edge_runtime.errors import ModelError, NotFoundError, UnavailableError
-from edge_runtime.registry import ModelRegistry
-from edge_runtime.store import ModelStore
+from edge_runtime.core.errors import ModelError, NotFoundError, UnavailableError
+from edge_runtime.serving.registry import ModelRegistry
+from edge_runtime.state.store import ModelStore
 from tests.conftest import require_tflite
 from tests.mlp_models import INPUT_NAME, OUTPUT_NAME, make_weights, reference_forward
 
@@ -138,7 +138,7 @@ def test_load_all_after_activate_picks_up_the_new_version(store, registry, mlp_b
 
 def test_tflite_bundle_loads_through_the_registry(tmp_path, signing_keys, mlp_bundle_factory):
     require_tflite()
-    from edge_runtime.profiles import load_profile
+    from edge_runtime.config.profiles import load_profile
 
     pi = load_profile("raspberry-pi-zero-2w")
     store = ModelStore(tmp_path / "pi-store", signing_keys.public_key, pi)

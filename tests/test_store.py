@@ -8,10 +8,10 @@ import zipfile
 
 import pytest
 
-from edge_runtime.bundle import read_bundle
-from edge_runtime.errors import BundleError, NotFoundError, SignatureError
-from edge_runtime.profiles import load_profile
-from edge_runtime.store import ModelStore, check_compatible
+from edge_runtime.artifact.bundle import read_bundle
+from edge_runtime.config.profiles import load_profile
+from edge_runtime.core.errors import BundleError, NotFoundError, SignatureError
+from edge_runtime.state.store import ModelStore, check_compatible
 from tests.conftest import make_keys
 
 
@@ -116,7 +116,8 @@ def test_check_compatible_reasons(device_profile):
 
 
 def read_manifest_for(profile):
-    from edge_runtime.manifest import Manifest, TensorSpec
+    from edge_runtime.artifact.manifest import Manifest
+    from edge_runtime.core.types import TensorSpec
 
     return Manifest(
         name="m",

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.config.settings import load_settings
 from edge_runtime.daemon import Daemon
-from edge_runtime.settings import load_settings
-from edge_runtime.telemetry import DeviceSampler, Health, assess_health
-from edge_runtime.topics import DeviceTopics
+from edge_runtime.telemetry.health import Health, assess_health
+from edge_runtime.telemetry.sampler import DeviceSampler
+from edge_runtime.transports.mqtt.topics import DeviceTopics
 from tests.broker import Broker, Probe, eventually, install_models, write_daemon_config
 
 DEVICE = "gw-outage"

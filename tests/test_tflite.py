@@ -22,8 +22,8 @@ from compressor.tflite_export import (
     run_tflite,
     unsupported_tflite_ops,
 )
-from edge_runtime.errors import CompressionError
-from edge_runtime.profiles import load_profile
+from edge_runtime.config.profiles import load_profile
+from edge_runtime.core.errors import CompressionError
 
 PROFILE = load_profile("raspberry-pi-zero-2w")
 

@@ -13,10 +13,10 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from edge_runtime.dataplane import DataPlane
-from edge_runtime.http_server import HttpServer
-from edge_runtime.registry import ModelRegistry
-from edge_runtime.store import ModelStore
+from edge_runtime.serving.dataplane import DataPlane
+from edge_runtime.serving.registry import ModelRegistry
+from edge_runtime.state.store import ModelStore
+from edge_runtime.transports.http.server import HttpServer
 from tests.mlp_models import INPUT_NAME, OUTPUT_NAME, make_weights, reference_forward
 
 LIMIT = 256 * 1024
@@ -254,7 +254,7 @@ def test_a_slow_model_does_not_block_health_checks(server, monkeypatch):
 
 
 def test_port_in_use_is_a_readable_error(server, device_profile):
-    from edge_runtime.errors import UsageError
+    from edge_runtime.core.errors import UsageError
 
     other = HttpServer(server.dataplane, port=server.port)
     with pytest.raises(UsageError, match="cannot listen"):

@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from edge_runtime import v2codec
-from edge_runtime.dataplane import InferRequest, InferResponse
-from edge_runtime.errors import RequestError
-from edge_runtime.v2codec import (
+from edge_runtime.codecs import v2
+from edge_runtime.codecs.v2 import (
     HEADER_LENGTH,
     decode_infer_document,
     decode_infer_request,
@@ -19,14 +17,16 @@ from edge_runtime.v2codec import (
     encode_infer_request,
     encode_infer_response,
 )
+from edge_runtime.core.errors import RequestError
+from edge_runtime.core.types import InferRequest, InferResponse
 
 
 @pytest.fixture(autouse=True, params=["orjson", "stdlib"])
 def json_library(request, monkeypatch):
     """Every codec test runs with orjson (when installed) and with the standard library json."""
     if request.param == "stdlib":
-        monkeypatch.setattr(v2codec, "orjson", None)
-    elif v2codec.orjson is None:
+        monkeypatch.setattr(v2, "orjson", None)
+    elif v2.orjson is None:
         pytest.skip("orjson is not installed")
     return request.param
 

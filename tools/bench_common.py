@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime import signing
-from edge_runtime.bundle import write_bundle
-from edge_runtime.manifest import Manifest, TensorSpec
-from edge_runtime.profiles import load_profile
-from edge_runtime.store import ModelStore
+from edge_runtime.artifact import signing
+from edge_runtime.artifact.bundle import write_bundle
+from edge_runtime.artifact.manifest import Manifest
+from edge_runtime.config.profiles import load_profile
+from edge_runtime.core.types import TensorSpec
+from edge_runtime.state.store import ModelStore
 
 __all__ = ["PROFILE", "free_port", "make_store", "start_mosquitto", "write_config"]
 

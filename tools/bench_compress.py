@@ -220,8 +220,8 @@ def ours(task: Task, profile_name: str, workdir: Path, log: Callable[[str], obje
     started = time.perf_counter()
     try:
         from compressor.pipeline import compress
-        from edge_runtime.errors import EdgeError
-        from edge_runtime.profiles import load_profile
+        from edge_runtime.config.profiles import load_profile
+        from edge_runtime.core.errors import EdgeError
     except ImportError as exc:
         return Candidate("ours", None, failure=f"not available: {_short(exc)}")
     try:

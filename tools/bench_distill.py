@@ -33,7 +33,7 @@ from compressor.passes.prune import StructuredPruneOptions, StructuredPrunePass
 from compressor.passes.quantize import Int8Quantization
 from compressor.teachers import DigitsData, as_samples, digits_data, train_digits_cnn
 from compressor.tflite_export import TFLiteExportPass
-from edge_runtime.profiles import load_profile
+from edge_runtime.config.profiles import load_profile
 
 __all__ = ["Stage", "main"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 from compressor.pipeline import compress
-from edge_runtime.profiles import load_profile
-from edge_runtime.report_text import format_report
+from edge_runtime.artifact.report_text import format_report
+from edge_runtime.config.profiles import load_profile
 from tools.zoo import ppocr_model, text_direction_dataset
 
 

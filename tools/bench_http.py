@@ -42,14 +42,15 @@ def build_model(path: Path) -> None:
 
 def serve_ours(workdir: Path, port: int, inline_max_ms: float) -> None:
     """Child process: sign a bundle, install it in a store, load it, serve the v2 API."""
-    from edge_runtime import signing
-    from edge_runtime.bundle import write_bundle
-    from edge_runtime.dataplane import DataPlane
-    from edge_runtime.http_server import HttpServer
-    from edge_runtime.manifest import Manifest, TensorSpec
-    from edge_runtime.profiles import load_profile
-    from edge_runtime.registry import ModelRegistry
-    from edge_runtime.store import ModelStore
+    from edge_runtime.artifact import signing
+    from edge_runtime.artifact.bundle import write_bundle
+    from edge_runtime.artifact.manifest import Manifest
+    from edge_runtime.config.profiles import load_profile
+    from edge_runtime.core.types import TensorSpec
+    from edge_runtime.serving.dataplane import DataPlane
+    from edge_runtime.serving.registry import ModelRegistry
+    from edge_runtime.state.store import ModelStore
+    from edge_runtime.transports.http.server import HttpServer
 
     profile = load_profile("x86-vnni-gateway")
     private_path, public_path = signing.generate_keypair(workdir / "keys")

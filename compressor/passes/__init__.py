@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from compressor.passes.base import CompressionContext, Pass, PassResult
-from edge_runtime.errors import UsageError
+from edge_runtime.core.errors import UsageError
 
 __all__ = ["DEFAULT_RECIPE", "REGISTRY", "CompressionContext", "Pass", "PassResult", "create_pass"]
 

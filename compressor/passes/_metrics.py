@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from compressor.measure import fidelity, make_session, run_all
 from compressor.passes.base import CompressionContext, Samples
-from edge_runtime.profiles import DeviceProfile
+from edge_runtime.config.profiles import DeviceProfile
 
 __all__ = [
     "WEIGHT_OPS",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from edge_runtime.profiles import DeviceProfile
+from edge_runtime.config.profiles import DeviceProfile
 
 if TYPE_CHECKING:
     import onnx

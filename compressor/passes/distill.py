@@ -32,7 +32,7 @@ from compressor.torch_bridge import (
     torch_threads,
     unsupported_ops,
 )
-from edge_runtime.errors import CompressionError, DataError
+from edge_runtime.core.errors import CompressionError, DataError
 
 if TYPE_CHECKING:
     import torch

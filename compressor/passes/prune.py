@@ -25,7 +25,7 @@ from compressor.passes._metrics import compare_models, has_weights
 from compressor.passes.base import CompressionContext, PassResult
 from compressor.passes.distill import DistillOptions, distill_model
 from compressor.torch_bridge import require_torch, unsupported_ops
-from edge_runtime.errors import CompressionError, UsageError
+from edge_runtime.core.errors import CompressionError, UsageError
 
 __all__ = [
     "MagnitudePruneOptions",

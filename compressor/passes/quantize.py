@@ -37,8 +37,8 @@ from compressor.int8_weights import store_small_floats_fp16, store_weights_int8
 from compressor.measure import Fidelity, compare_latency, fidelity, make_session, meets_budgets, run_all
 from compressor.onnx_model import shrink_names
 from compressor.passes.base import CompressionContext, PassResult, Samples
-from edge_runtime.errors import CompressionError
-from edge_runtime.profiles import DeviceProfile, QuantDtype
+from edge_runtime.config.profiles import DeviceProfile, QuantDtype
+from edge_runtime.core.errors import CompressionError
 
 __all__ = ["Int8Options", "Int8Quantization"]
 

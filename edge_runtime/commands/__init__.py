@@ -1,1 +1,0 @@
-"""Click commands of edgectl, one module per area (loaded lazily by edge_runtime.cli)."""

@@ -1,0 +1,203 @@
+"""The daemon's configuration: one TOML file read once at start into frozen dataclasses.
+
+Unknown keys are an error naming the key and the file (the same validation as device profiles).
+Relative paths are resolved against the folder of the configuration file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.config.profiles import build_from_table
+from edge_runtime.core.errors import UsageError
+from edge_runtime.core.topic_names import check_level, check_topic
+from edge_runtime.core.types import StreamDecoding
+
+__all__ = [
+    "HttpSettings",
+    "MqttProtocol",
+    "MqttSettings",
+    "OutboxSettings",
+    "Settings",
+    "StreamBinding",
+    "TelemetrySettings",
+    "load_settings",
+    "parse_settings",
+]
+
+
+class MqttProtocol(StrEnum):
+    """The MQTT protocol version the daemon asks the broker for first."""
+
+    V5 = "5"
+    V311 = "3.1.1"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The local KServe v2 HTTP API."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    """0 picks a free port."""
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """The broker connection."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: MqttProtocol = MqttProtocol.V5
+    fallback: bool = True
+    """When the broker refuses MQTT 5, retry with 3.1.1."""
+    keepalive: int = 30
+    client_id: str = ""
+    """Empty: ``edge-<device_id>``."""
+    username: str = ""
+    password: str = ""
+    workers: int = 2
+    """Threads running inference for MQTT requests (never paho's network thread)."""
+    queue_size: int = 256
+    """Messages waiting for a worker; beyond it requests are answered "busy" (503)."""
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """Periodic telemetry."""
+
+    interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """The on-disk queue for telemetry, events and durable stream results."""
+
+    path: str = "outbox.sqlite"
+    max_records: int = 10000
+
+
+@dataclass(frozen=True)
+class StreamBinding:
+    """Subscribe to `topic`, decode, run `model`, publish the result to `output_topic`."""
+
+    topic: str
+    model: str
+    output_topic: str
+    decode: StreamDecoding = StreamDecoding.JSON
+    input: str = ""
+    """Input tensor name (json / raw); empty: the model's only input."""
+    dtype: str = "float32"
+    shape: tuple[int, ...] = ()
+    """Shape to reshape the values to (one -1 allowed); empty: as decoded."""
+    qos: int = 1
+    durable: bool = False
+    """Queue results in the on-disk outbox (survive outages, at one fsync per result)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon is built from."""
+
+    device_id: str
+    profile: str
+    """Built-in device profile name, or a path to a .toml profile."""
+    store: str
+    public_key: str
+    max_request_bytes: int = 16 * 1024 * 1024
+    http: HttpSettings = field(default_factory=HttpSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    streams: tuple[StreamBinding, ...] = ()
+    source: str = ""
+    """The file the settings were read from."""
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id to use."""
+        return self.mqtt.client_id or f"edge-{self.device_id}"
+
+
+def _check(settings: Settings, source: str) -> None:
+    """Reject values that are well-typed but unusable."""
+    check_level(settings.device_id, f"{source}: device_id")
+    for port, key in ((settings.http.port, "http.port"), (settings.mqtt.port, "mqtt.port")):
+        if not 0 <= port <= 65535:
+            raise UsageError(f"{source}: {key} must be between 0 and 65535, got {port}")
+    positive = {
+        "mqtt.keepalive": settings.mqtt.keepalive,
+        "mqtt.workers": settings.mqtt.workers,
+        "mqtt.queue_size": settings.mqtt.queue_size,
+        "telemetry.interval_s": settings.telemetry.interval_s,
+        "outbox.max_records": settings.outbox.max_records,
+        "max_request_bytes": settings.max_request_bytes,
+        "mqtt.reconnect_min_s": settings.mqtt.reconnect_min_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UsageError(f"{source}: {key} must be positive, got {value}")
+    for index, binding in enumerate(settings.streams):
+        where = f"{source}: streams[{index}]"
+        try:
+            check_topic(binding.topic.replace("{device}", settings.device_id), wildcards=True)
+            check_topic(binding.output_topic.replace("{device}", settings.device_id))
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        try:
+            np.dtype(binding.dtype)
+        except TypeError:
+            raise UsageError(
+                f"{where}: dtype '{binding.dtype}' is not a numpy dtype name (float32, int64, ...)"
+            ) from None
+        if binding.qos not in (0, 1, 2):
+            raise UsageError(f"{where}: qos must be 0, 1 or 2, got {binding.qos}")
+
+
+def _resolve(settings: Settings, base: Path) -> Settings:
+    """Paths made absolute against `base` (the config file's folder)."""
+
+    def absolute(value: str) -> str:
+        return str(base / value) if value and not Path(value).is_absolute() else value
+
+    profile = absolute(settings.profile) if settings.profile.endswith(".toml") else settings.profile
+    outbox = dataclasses.replace(settings.outbox, path=absolute(settings.outbox.path))
+    return dataclasses.replace(
+        settings,
+        profile=profile,
+        store=absolute(settings.store),
+        public_key=absolute(settings.public_key),
+        outbox=outbox,
+    )
+
+
+def parse_settings(text: str, source: str, base: Path | None = None) -> Settings:
+    """Parse and validate settings from TOML text; `source` names it in errors."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{source}: not valid TOML: {exc}") from exc
+    settings = build_from_table(Settings, table, source, error=UsageError)
+    _check(settings, source)
+    settings = _resolve(settings, base or Path.cwd())
+    return dataclasses.replace(settings, source=source)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read the daemon's settings from a TOML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read settings {path}: {exc.strerror or exc}") from exc
+    return parse_settings(text, str(path), path.resolve().parent)

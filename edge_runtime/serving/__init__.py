@@ -1,0 +1,1 @@
+"""Serving: the registry of loaded models and the one dataplane (validation, errors, metrics) every transport calls."""
