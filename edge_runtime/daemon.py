@@ -132,7 +132,11 @@ class Daemon:
         store = ModelStore(Path(settings.store), signing.load_public_key(Path(settings.public_key)), profile)
         self.registry = ModelRegistry(profile)
         self.failures = self.registry.load_all(store)
-        self.dataplane = DataPlane(self.registry, max_request_bytes=settings.max_request_bytes)
+        self.dataplane = DataPlane(
+            self.registry,
+            max_request_bytes=settings.max_request_bytes,
+            strict_readiness=settings.strict_readiness,
+        )
         if settings.http.enabled:
             from edge_runtime.transports.http.server import HttpServer
 

@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +97,18 @@ def running(tmp_path: Path, config: Path, broker: Broker) -> Iterator[Running]:
 def test_serve_http_mqtt_refused_bundle_and_sigterm(running: Running, broker: Broker) -> None:
     probe = running.probe
     client = triton.InferenceServerClient(f"127.0.0.1:{running.http_port}")
-    assert client.is_server_ready() and client.is_model_ready("mlp") and not client.is_model_ready("broken")
+    # Strict readiness: one configured model was refused, so the server is live but not ready,
+    # and the health body names the refused model; the good one serves regardless.
+    assert client.is_server_live() and not client.is_server_ready()
+    assert client.is_model_ready("mlp") and not client.is_model_ready("broken")
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.http_port}/v2/health/live") as live:
+        assert live.status == 200
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{running.http_port}/v2/health/ready")
+        raise AssertionError("ready with a refused model")
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read())
+        assert exc.code == 503 and body["serving"] == ["mlp"] and list(body["refused"]) == ["broken"]
     x = np.random.default_rng(1).normal(size=(2, 64)).astype(np.float32)
     tensor = triton.InferInput(INPUT_NAME, list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)

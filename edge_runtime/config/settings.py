@@ -115,6 +115,8 @@ class Settings:
     store: str
     public_key: str
     max_request_bytes: int = 16 * 1024 * 1024
+    strict_readiness: bool = True
+    """Ready only when every model in the store serves (as Triton's strict readiness); false: when any does."""
     http: HttpSettings = field(default_factory=HttpSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)

@@ -12,6 +12,7 @@
      ├── RequestError              an inference request is malformed (HTTP 400 / MQTT error reply)
      │    └── PayloadTooLarge      the request is over the size limit (413)
      ├── NotFoundError             no such model or version (404)
+     ├── InternalError             a bug or an engine failure while answering a request (500)
      └── TransientError            the operation may succeed if retried (broker down, ...)
           └── UnavailableError     the model exists but cannot serve right now (503)
 
@@ -27,6 +28,7 @@ __all__ = [
     "CompressionError",
     "DataError",
     "EdgeError",
+    "InternalError",
     "ModelError",
     "NotFoundError",
     "PayloadTooLarge",
@@ -112,3 +114,9 @@ class UnavailableError(TransientError):
     """The model exists but cannot serve right now (loading, failed self-test)."""
 
     status = 503
+
+
+class InternalError(EdgeError):
+    """A bug or an engine failure while answering a request; the server answers 500 and keeps serving."""
+
+    status = 500

@@ -6,8 +6,10 @@ the `InferResponse`; validation, metrics and errors live here once, below the tr
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,7 @@ import numpy as np
 from edge_runtime import __version__
 from edge_runtime.config.profiles import Engine
 from edge_runtime.core.datatypes import v2_datatype
-from edge_runtime.core.errors import EdgeError, PayloadTooLarge, RequestError
+from edge_runtime.core.errors import EdgeError, InternalError, PayloadTooLarge, RequestError
 from edge_runtime.core.types import InferRequest, InferResponse, TensorSpec, is_free_dim
 from edge_runtime.serving.metrics import Metrics
 from edge_runtime.serving.registry import LoadedModel, ModelRegistry
@@ -25,9 +27,45 @@ __all__ = [
     "DataPlane",
 ]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 SERVER_NAME = "edge-runtime"
 _PLATFORMS = {Engine.ONNXRUNTIME.value: "onnxruntime_onnx", Engine.TFLITE.value: "tensorflow_lite"}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How every transport reports a failed request: an HTTP-like status and one readable line."""
+
+    status: int
+    message: str
+
+
+def failure_of(exc: BaseException, what: str = "request") -> Failure:
+    """The status and message for any exception a request raised (unexpected ones are logged, 500)."""
+    if isinstance(exc, EdgeError):
+        return Failure(exc.status, str(exc))
+    if isinstance(exc, RecursionError):  # a document nested too deep for the parser
+        return Failure(RequestError.status, f"{what} is nested too deeply to decode")
+    if isinstance(exc, MemoryError):
+        return Failure(PayloadTooLarge.status, f"{what} needs more memory than this device has")
+    log.error("%s failed", what, exc_info=exc)
+    return Failure(InternalError.status, f"internal error: {type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the device is ready, and which configured models serve or were refused."""
+
+    ready: bool
+    serving: tuple[str, ...]
+    refused: dict[str, str]
+    """Model name -> why it was refused."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The body of ``/v2/health/ready``."""
+        return {"ready": self.ready, "serving": list(self.serving), "refused": dict(self.refused)}
 
 
 def _check_tensor(spec: TensorSpec, value: Any, sizes: dict[str, int]) -> np.ndarray:
@@ -64,10 +102,16 @@ class DataPlane:
     """Inference, metadata and health over a `ModelRegistry`, shared by every transport."""
 
     def __init__(
-        self, registry: ModelRegistry, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+        self,
+        registry: ModelRegistry,
+        *,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        strict_readiness: bool = True,
     ) -> None:
         self.registry = registry
         self.max_request_bytes = max_request_bytes
+        self.strict_readiness = strict_readiness
+        """Ready only when every configured model serves (Triton's strict readiness); else when any does."""
         self.metrics = Metrics()
 
     def _validate(self, model: LoadedModel, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -105,7 +149,7 @@ class DataPlane:
         return {name: produced[name] for name in wanted}
 
     def infer(self, request: InferRequest) -> InferResponse:
-        """Validate, run and count one request; RequestError / NotFoundError / UnavailableError."""
+        """Validate, run and count one request; RequestError / NotFoundError / UnavailableError / InternalError."""
         try:
             model = self.registry.get(request.model, request.version)
         except EdgeError:
@@ -115,7 +159,14 @@ class DataPlane:
         ok = False
         try:
             feeds = self._validate(model, request.inputs)
-            outputs = self._select(model, model.predict(feeds), request.outputs)
+            try:
+                produced = model.predict(feeds)
+            except EdgeError:
+                raise
+            except Exception as exc:  # an engine failure: answered 500, the server keeps serving
+                log.exception("%s %s failed on a request", model.name, model.version)
+                raise InternalError(f"model '{model.name}' failed: {type(exc).__name__}: {exc}") from exc
+            outputs = self._select(model, produced, request.outputs)
             ok = True
         finally:
             self.metrics.observe(model.name, model.version, time.perf_counter() - start, ok)
@@ -149,6 +200,18 @@ class DataPlane:
         """True while the process can answer at all."""
         return True
 
+    def shed(self, model: str | None) -> None:
+        """Count a request a transport refused unread because it was over capacity (answered 503)."""
+        self.metrics.shed(model)
+
+    def readiness(self) -> Readiness:
+        """Ready when the first load finished and every configured model serves (or, not strict, any)."""
+        serving = tuple(model.name for model in self.registry.models())
+        refused = {failure.name: failure.reason for failure in self.registry.failures()}
+        wanted = not refused if self.strict_readiness else bool(serving) or not refused
+        ready = self.registry.ready and wanted
+        return Readiness(ready=ready, serving=serving, refused=refused)
+
     def ready(self) -> bool:
-        """True once the registry has finished its first load."""
-        return self.registry.ready
+        """True when `readiness()` says so."""
+        return self.readiness().ready

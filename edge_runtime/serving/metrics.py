@@ -44,6 +44,7 @@ class Metrics:
         self._series: dict[tuple[str, str], _Series] = {}
         self._latest: dict[str, str] = {}
         self._rejected = 0
+        self._shed: dict[str, int] = {}
 
     def observe(self, model: str, version: str, seconds: float, ok: bool) -> None:
         """Count one request to a loaded model, with its latency and whether it succeeded."""
@@ -64,6 +65,12 @@ class Metrics:
         with self._lock:
             self._rejected += 1
 
+    def shed(self, model: str | None) -> None:
+        """Count a request refused unread because a transport was over capacity."""
+        with self._lock:
+            key = model or ""
+            self._shed[key] = self._shed.get(key, 0) + 1
+
     def snapshot(self) -> dict[str, Any]:
         """Plain data: per model (its current version) requests, errors and latency p50/p95/p99 in ms."""
         with self._lock:
@@ -73,6 +80,7 @@ class Metrics:
                 for model, series in current.items()
             }
             rejected = self._rejected
+            shed = dict(self._shed)
         models: dict[str, Any] = {}
         for model, (version, requests, errors, recent) in sorted(copies.items()):
             latency: dict[str, float | None] = {"p50": None, "p95": None, "p99": None}
@@ -86,7 +94,7 @@ class Metrics:
                 "latency_ms": latency,
                 "window": len(recent),
             }
-        return {"models": models, "rejected": rejected}
+        return {"models": models, "rejected": rejected, "shed": sum(shed.values())}
 
     def prometheus_text(self) -> str:
         """Every counter in the Prometheus text exposition format (version 0.0.4)."""
@@ -100,6 +108,7 @@ class Metrics:
                 for key, series in self._series.items()
             )
             rejected = self._rejected
+            shed = sorted(self._shed.items())
         labels = {key: f'model="{_escape(key[0])}",version="{_escape(key[1])}"' for key, _ in items}
         lines += [f"edge_requests_total{{{labels[key]}}} {series.requests}" for key, series in items]
         lines += [
@@ -124,5 +133,8 @@ class Metrics:
             "# HELP edge_requests_rejected_total Requests naming no loaded model.",
             "# TYPE edge_requests_rejected_total counter",
             f"edge_requests_rejected_total {rejected}",
+            "# HELP edge_requests_shed_total Requests refused unread because the device was over capacity.",
+            "# TYPE edge_requests_shed_total counter",
         ]
+        lines += [f'edge_requests_shed_total{{model="{_escape(model)}"}} {count}' for model, count in shed]
         return "\n".join(lines) + "\n"

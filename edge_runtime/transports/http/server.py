@@ -258,7 +258,8 @@ class HttpServer:
             if parts == ["v2", "health", "live"]:
                 return _json(200 if self.dataplane.live() else 503, {"live": self.dataplane.live()})
             if parts == ["v2", "health", "ready"]:
-                return _json(200 if self.dataplane.ready() else 503, {"ready": self.dataplane.ready()})
+                readiness = self.dataplane.readiness()
+                return _json(200 if readiness.ready else 503, readiness.to_dict())
             if parts == ["metrics"]:
                 text = self.dataplane.metrics.prometheus_text().encode("utf-8")
                 return Response(200, text, "text/plain; version=0.0.4; charset=utf-8")
