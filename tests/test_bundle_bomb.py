@@ -84,13 +84,22 @@ def test_zip_bombs_are_refused_with_bounded_memory(mlp_bundle_factory, signing_k
     lie_about_size(liar, "model.onnx", model_size)
     # Read without a key (`edgectl inspect`), the manifest's sizes are the attacker's: it declares 1 GiB.
     unsigned = dict(members)
-    declared = {**manifest, "files": {**manifest["files"], "model.onnx": {"sha256": "0" * 64, "size": 1024 * MIB}}}
+    declared = {
+        **manifest,
+        "files": {**manifest["files"], "model.onnx": {"sha256": "0" * 64, "size": 1024 * MIB}},
+    }
     unsigned["manifest.json"] = json.dumps(declared).encode()
     ratio_bomb = zip_with_bomb(tmp_path / "ratio-bomb.edgebundle", list(unsigned.items()), "model.onnx",
                                256 * MIB, level=6)  # fmt: skip
     assert max(p.stat().st_size for p in (manifest_bomb, model_bomb, liar, ratio_bomb)) < 12 * MIB
 
-    specs = [f"{manifest_bomb}:key", f"{model_bomb}:key", f"{liar}:key", f"{ratio_bomb}:none", f"{genuine}:key"]
+    specs = [
+        f"{manifest_bomb}:key",
+        f"{model_bomb}:key",
+        f"{liar}:key",
+        f"{ratio_bomb}:none",
+        f"{genuine}:key",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", READER, str(signing_keys.public_path), *specs],
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

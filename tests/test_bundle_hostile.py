@@ -116,7 +116,9 @@ def test_signed_but_odd_manifests_are_bundle_errors(mlp_bundle_factory, signing_
     manifest = json.loads(dict(members)["manifest.json"])
     for index, (label, (document, message)) in enumerate(_mutations(manifest).items()):
         raw = json.dumps(document).encode()
-        path = write_zip(tmp_path / f"odd{index}.edgebundle", resigned(members, raw, signing_keys.private_key))
+        path = write_zip(
+            tmp_path / f"odd{index}.edgebundle", resigned(members, raw, signing_keys.private_key)
+        )
         with pytest.raises(BundleError, match=message) as refused:
             read_bundle(path, signing_keys.public_key)
         assert refused.type in (BundleError,), label

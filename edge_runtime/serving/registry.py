@@ -18,7 +18,10 @@ from edge_runtime.engines import Backend, load_backend
 from edge_runtime.engines.selftest import run_selftest
 from edge_runtime.state.store import ModelStore
 
-__all__ = ["LoadFailure", "LoadedModel", "ModelRegistry"]
+__all__ = ["LoadFailure", "LoadedModel", "ModelRegistry", "ReloadReport"]
+
+_MAX_REASON = 500
+"""Longest refusal reason kept (health bodies and events carry it)."""
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,27 @@ class LoadFailure:
     reason: str
 
 
+@dataclass(frozen=True)
+class ReloadReport:
+    """What one pass over the store changed."""
+
+    loaded: tuple[tuple[str, str], ...]
+    """(model, version) newly serving."""
+    unloaded: tuple[tuple[str, str], ...]
+    refused: tuple[LoadFailure, ...]
+    unchanged: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One log line: what was loaded, unloaded and refused."""
+        parts = [
+            "loaded " + ", ".join(f"{n} {v}" for n, v in self.loaded) if self.loaded else "",
+            "unloaded " + ", ".join(f"{n} {v}" for n, v in self.unloaded) if self.unloaded else "",
+            "refused " + ", ".join(f"{f.name} {f.version}" for f in self.refused) if self.refused else "",
+        ]
+        changes = "; ".join(part for part in parts if part)
+        return f"{changes or 'no change'} ({len(self.unchanged)} unchanged)"
+
+
 class ModelRegistry:
     """The models this device serves, several at once; every method is thread-safe."""
 
@@ -66,6 +90,8 @@ class ModelRegistry:
         self._models: dict[str, LoadedModel] = {}
         self._failures: dict[str, LoadFailure] = {}
         self._loaded_once = threading.Event()
+        self._sync_lock = threading.Lock()
+        """One load_all/reload at a time (SIGHUP may arrive while one runs)."""
 
     def load(self, bundle: Bundle) -> LoadedModel:
         """Load a verified bundle and run its self-test; ModelError if either fails (nothing is kept)."""
@@ -95,27 +121,73 @@ class ModelRegistry:
         return new
 
     def load_all(self, store: ModelStore) -> list[LoadFailure]:
-        """Load every active bundle of `store`; each failure is refused and reported, the rest serve."""
-        failures: list[LoadFailure] = []
-        for name in store.models():
-            version = "?"
+        """Load every active bundle of `store`; each failure is refused and reported, the rest serve.
+
+        Never raises for what is in the store: any exception while loading one model (a hostile
+        bundle, an odd state.json, MemoryError, OSError) refuses that model with the reason.
+        """
+        return list(self._sync(store, unload=False).refused)
+
+    def reload(self, store: ModelStore) -> ReloadReport:
+        """Bring the served models in line with `store`: load new or changed active versions (each
+        swapped in without a gap), unload models no longer active; a version that fails to load
+        leaves the one serving untouched."""
+        report = self._sync(store, unload=True)
+        log.info("reloaded the model store: %s", report.summary())
+        return report
+
+    def _sync(self, store: ModelStore, *, unload: bool) -> ReloadReport:
+        with self._sync_lock:
+            loaded: list[tuple[str, str]] = []
+            refused: list[LoadFailure] = []
+            unchanged: list[str] = []
             try:
-                version = store.state(name).active or ""
-                if not version:
-                    continue
-                current = self._models.get(name)
-                if current is not None and current.version == version:
-                    continue
-                self.swap(name, store.open(name, version))
-            except EdgeError as exc:
-                failure = LoadFailure(name=name, version=version, reason=str(exc))
-                failures.append(failure)
-                log.error("refused model %s %s: %s", name, version, exc)
-                with self._lock:
-                    if name not in self._models:
-                        self._failures[name] = failure
-        self._loaded_once.set()
-        return failures
+                names = store.models()
+            except Exception as exc:
+                refused.append(self._refuse(str(store.root), "", exc, record=False))
+                names = []
+            seen: set[str] = set()
+            for name in names:
+                version = "?"
+                try:
+                    version = store.state(name).active or ""
+                    if not version:
+                        continue
+                    seen.add(name)
+                    current = self._models.get(name)
+                    if current is not None and current.version == version:
+                        unchanged.append(name)
+                        continue
+                    self.swap(name, store.open(name, version))
+                    loaded.append((name, version))
+                except Exception as exc:  # one bad file refuses one model, never the caller
+                    seen.add(name)
+                    refused.append(self._refuse(name, version, exc))
+            unloaded = self._drop_all_but(seen) if unload else []
+            self._loaded_once.set()
+            return ReloadReport(tuple(loaded), tuple(unloaded), tuple(refused), tuple(unchanged))
+
+    def _refuse(self, name: str, version: str, exc: BaseException, *, record: bool = True) -> LoadFailure:
+        """Log and record why `name` is not serving (kept serving if an older version already is)."""
+        reason = str(exc) if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"
+        failure = LoadFailure(name=name, version=version, reason=reason[:_MAX_REASON])
+        log.error("refused model %s %s: %s", name, version, failure.reason)
+        log.debug("refusal of %s %s", name, version, exc_info=exc)
+        if record:
+            with self._lock:
+                if name not in self._models:
+                    self._failures[name] = failure
+        return failure
+
+    def _drop_all_but(self, keep: set[str]) -> list[tuple[str, str]]:
+        """Unload every model (and forget every refusal) whose name is not in `keep`."""
+        with self._lock:
+            gone = [self._models.pop(name) for name in sorted(set(self._models) - keep)]
+            for name in set(self._failures) - keep:
+                del self._failures[name]
+        for model in gone:
+            log.info("unloaded %s %s (no longer active in the store)", model.name, model.version)
+        return [(model.name, model.version) for model in gone]
 
     def unload(self, name: str) -> None:
         """Stop serving `name` (NotFoundError if it is not loaded)."""
