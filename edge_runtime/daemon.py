@@ -1,8 +1,8 @@
 """The composition root: settings -> model store -> registry -> dataplane -> HTTP -> MQTT -> telemetry.
 
 Every other module receives what it needs as arguments; this is the one place that builds them.
-`run()` serves until SIGTERM or SIGINT and speaks the systemd notify protocol (READY=1,
-WATCHDOG=1, STOPPING=1) on ``$NOTIFY_SOCKET`` with a plain datagram socket.
+`run()` serves until SIGTERM or SIGINT, reloads the model store on SIGHUP, and speaks the systemd
+notify protocol (READY=1, WATCHDOG=1, STOPPING=1) on ``$NOTIFY_SOCKET`` with a plain datagram socket.
 """
 
 from __future__ import annotations
@@ -129,9 +129,8 @@ class Daemon:
         """Load the models and start serving (HTTP at once; MQTT connects in the background)."""
         settings = self.settings
         profile = load_profile(settings.profile)
-        store = ModelStore(Path(settings.store), signing.load_public_key(Path(settings.public_key)), profile)
         self.registry = ModelRegistry(profile)
-        self.failures = self.registry.load_all(store)
+        self.failures = self.registry.load_all(self._open_store())
         self.dataplane = DataPlane(
             self.registry,
             max_request_bytes=settings.max_request_bytes,
@@ -148,6 +147,41 @@ class Daemon:
         log.info(
             "serving %d model(s), %d refused", len(self.registry.models()), len(self.registry.failures())
         )
+
+    def _open_store(self) -> ModelStore:
+        """The model store of the settings; a missing store folder is a UsageError, never created."""
+        settings = self.settings
+        key = signing.load_public_key(Path(settings.public_key))
+        return ModelStore(Path(settings.store), key, load_profile(settings.profile), create=False)
+
+    def reload(self) -> None:
+        """Re-read the store (SIGHUP): swap in new active versions, unload inactive ones; never raises."""
+        if self.registry is None:
+            return
+        log.info("reloading the model store %s", self.settings.store)
+        try:
+            report = self.registry.reload(self._open_store())
+        except Exception as exc:  # a store gone or a key unreadable: keep serving what we have
+            log.error("reload refused, still serving what was loaded: %s", exc)
+            return
+        self.failures = self.registry.failures()
+        if self.outbox is None or not report.refused:
+            return
+        from edge_runtime.codecs.payloads import EventKind, encode_event
+
+        try:
+            for failure in report.refused:
+                event = encode_event(EventKind.MODEL_REFUSED, self.settings.device_id, model=failure.name,
+                                     version=failure.version, reason=failure.reason)  # fmt: skip
+                self.outbox.put(self.topics.events, event, qos=1)
+        except Exception as exc:  # the outbox's trouble is reported by the outbox; serving goes on
+            log.warning("cannot queue the model_refused events of this reload: %s", exc)
+        if self.sender is not None:
+            self.sender.notify()
+
+    def _on_hangup(self, _signum: int, _frame: FrameType | None) -> None:
+        """SIGHUP: reload the store on a thread of its own (the handler itself must stay short)."""
+        threading.Thread(target=self.reload, name="store-reload", daemon=True).start()
 
     def _start_mqtt(self, dataplane: DataPlane) -> None:
         from edge_runtime.codecs.payloads import EventKind, Presence, encode_event, encode_presence
@@ -217,6 +251,7 @@ class Daemon:
             self._stop.set()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             self.start()
             sd_notify(

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "edge_runtime.cli.bundles:verify",
         "Verify a bundle's signature, checksums and self-test.",
     ),
+    "store": ("edge_runtime.cli.store:store", "Install, list, activate and roll back models in a store."),
     "serve": ("edge_runtime.cli.serve:serve", "Run the on-device daemon (HTTP v2 + MQTT)."),
     "predict": ("edge_runtime.cli.predict:predict", "Send one inference request over HTTP or MQTT."),
 }
