@@ -70,12 +70,12 @@ def test_unsigned_manifests_are_refused_before_they_are_parsed(mlp_bundle_factor
         for signature in (None, b"\x00" * 64):  # no signature, or one that does not verify
             bad = write_zip(tmp_path / f"{label}.edgebundle", replaced(members, manifest_json=raw,
                                                                         manifest_sig=signature))  # fmt: skip
-            with pytest.raises(SignatureError, match="unsigned|does not verify"):
+            with pytest.raises(SignatureError, match=r"unsigned|does not verify"):
                 read_bundle(bad, signing_keys.public_key)
             with pytest.raises(SignatureError):
                 read_manifest(bad, signing_keys.public_key)
         # read without a key (inspect), the strict parser refuses each with a reason
-        with pytest.raises(BundleError, match="report must be an object|deeper than 64|not valid JSON"):
+        with pytest.raises(BundleError, match=r"report must be an object|deeper than 64|not valid JSON"):
             read_bundle(bad, None)
 
 
@@ -143,7 +143,7 @@ def test_duplicate_members_are_refused_by_verify_and_the_store(mlp_bundle_factor
         for order in ("after", "before"):
             dup = [*members, ("model.onnx", extra)] if order == "after" else [("model.onnx", extra), *members]
             path = write_zip(tmp_path / f"dup-{label}-{order}.edgebundle", dup)
-            with pytest.raises(BundleError, match="'model.onnx' appears twice"):
+            with pytest.raises(BundleError, match=r"'model\.onnx' appears twice"):
                 read_bundle(path, signing_keys.public_key)
             result = CliRunner().invoke(cli, ["verify", str(path), "--key", str(signing_keys.public_path)])
             assert result.exit_code == 1 and "appears twice" in result.output, result.output
@@ -181,7 +181,7 @@ def test_member_longer_than_declared_and_corrupt_deflate(mlp_bundle_factory, sig
     members = members_of(mlp_bundle_factory())
     longer = write_zip(tmp_path / "longer.edgebundle",
                        replaced(members, model_onnx=dict(members)["model.onnx"] + b"\0" * 10))  # fmt: skip
-    with pytest.raises(BundleError, match="inflates beyond the .* bytes allowed"):
+    with pytest.raises(BundleError, match=r"inflates beyond the .* bytes allowed"):
         read_bundle(longer, signing_keys.public_key)
     raw = bytearray(mlp_bundle_factory().read_bytes())
     at = raw.find(b"PK\x03\x04", raw.find(b"model.onnx") - 40)  # the model's local header

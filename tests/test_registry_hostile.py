@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def hostile_store(store: ModelStore, factory, tmp_path) -> dict[str, str]:
 class FaultyStore(ModelStore):
     """A store whose `open` fails for some models the way a device can (memory, I/O, a bug)."""
 
-    faults = {"oom": MemoryError("cannot allocate"), "eio": OSError(5, "Input/output error"),
+    faults: ClassVar[dict[str, BaseException]] = {"oom": MemoryError("cannot allocate"), "eio": OSError(5, "Input/output error"),
               "bug": RuntimeError("unexpected")}  # fmt: skip
 
     def open(self, name: str, version: str) -> Bundle:

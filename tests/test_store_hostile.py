@@ -73,7 +73,7 @@ def test_symlinked_model_folder_is_not_followed(store, tmp_path, mlp_bundle_fact
 
 def test_missing_store_is_refused_unless_created(tmp_path, signing_keys, device_profile):
     missing = tmp_path / "not-mounted" / "store"
-    with pytest.raises(UsageError, match="does not exist .*mounted"):
+    with pytest.raises(UsageError, match=r"does not exist .*mounted"):
         ModelStore(missing, signing_keys.public_key, device_profile, create=False)
     assert not missing.exists()
     (tmp_path / "file").write_text("x")
