@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_runtime.artifact import signing
-from edge_runtime.artifact.bundle import read_bundle, read_manifest
+from edge_runtime.artifact.bundle import read_bundle
 from edge_runtime.artifact.manifest import Manifest
 from edge_runtime.cli import cli
 from edge_runtime.core.errors import BundleError, SignatureError
@@ -72,6 +74,8 @@ def test_unsigned_manifests_are_refused_before_they_are_parsed(mlp_bundle_factor
                                                                         manifest_sig=signature))  # fmt: skip
             with pytest.raises(SignatureError, match=r"unsigned|does not verify"):
                 read_bundle(bad, signing_keys.public_key)
+            from edge_runtime.artifact.bundle import read_manifest
+
             with pytest.raises(SignatureError):
                 read_manifest(bad, signing_keys.public_key)
         # read without a key (inspect), the strict parser refuses each with a reason
@@ -128,6 +132,8 @@ def test_signed_but_odd_manifests_are_bundle_errors(mlp_bundle_factory, signing_
         (b'{"v": 1, "report": NaN}', "NaN is not JSON"),
         (b'{"v": 1, "a": ' + deep(100_000).encode() + b"}", "deeper than 64"),
         (b" " * (5 * 1024 * 1024), "larger than"),
+        (b'"' + b'\\"' * 1_000_000, "not valid JSON"),  # linear-time depth scan: no backtracking
+        (b'{"v": 1, "report": "' + b"[" * 100_000 + b'"}', "name is missing"),  # brackets in strings do not nest
     ]:
         with pytest.raises(BundleError, match=message):
             Manifest.from_json(raw)
@@ -196,3 +202,34 @@ def test_keyless_read_keeps_nothing_and_says_so(mlp_bundle_factory):
     assert bundle.members == {} and bundle.signed_by == ""
     with pytest.raises(BundleError, match="read without a key"):
         _ = bundle.model_bytes
+
+
+_FIELD_NAMES = {"v", "name", "version", "profile", "engine", "model_file", "inputs", "outputs", "files",
+                "golden", "session_config", "report", "created", "signer"}  # fmt: skip
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(sorted(_FIELD_NAMES)), value=JSON, raw=st.binary(max_size=256))
+def test_fuzzed_manifests_parse_or_are_bundle_errors(genuine_manifest, field, value, raw):
+    for candidate in (json.dumps({**genuine_manifest, field: value}).encode(), raw):
+        try:
+            manifest = Manifest.from_json(candidate)
+        except BundleError:
+            continue
+        assert isinstance(manifest.name, str) and all(
+            isinstance(e.size, int) for e in manifest.files.values()
+        )
+
+
+@pytest.fixture
+def genuine_manifest(mlp_bundle_factory) -> dict[str, Any]:
+    return json.loads(dict(members_of(mlp_bundle_factory()))["manifest.json"])

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_runtime.core.errors import BundleError, UsageError
-from edge_runtime.state.store import ModelState, ModelStore, parse_state
+from edge_runtime.state.store import ModelState, ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,13 +41,21 @@ def store(tmp_path, signing_keys, device_profile) -> ModelStore:
         (b" " * 70_000, "larger than"),
     ],
 )
-def test_odd_state_files_are_refused_with_the_file_named(raw, message):
+def test_odd_state_files_are_refused_with_the_file_named(store, mlp_bundle_factory, raw, message):
+    store.install(mlp_bundle_factory("mlp", "1"))
+    state_file = store.root / "mlp" / "state.json"
+    state_file.write_bytes(raw)
     with pytest.raises(BundleError, match=message) as refused:
-        parse_state(raw, "/s/mlp/state.json")
-    assert "/s/mlp/state.json" in str(refused.value)
+        store.state("mlp")
+    assert str(state_file) in str(refused.value)
+    with pytest.raises(BundleError, match=message):
+        store.rollback("mlp")
+    assert store.active() == {}
 
 
 def test_state_round_trip_and_null_previous():
+    from edge_runtime.state.store import parse_state
+
     state = ModelState(active="2", previous="1")
     assert parse_state(state.to_json(), "x") == state
     assert parse_state(b'{"v": 1, "active": null, "previous": null}', "x") == ModelState(None, None)
@@ -169,3 +179,29 @@ def test_two_processes_writing_state_concurrently_end_consistent(store, mlp_bund
     assert final.active in (f"a-{rounds - 1}", f"b-{rounds - 1}")
     assert final.previous is not None and final.previous != final.active
     assert not list((store.root / "mlp").glob(".*tmp"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    doc=st.dictionaries(
+        st.sampled_from(["v", "active", "previous", "other"]),
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.text(max_size=12)
+        | st.lists(st.integers(), max_size=2),
+    ),
+    raw=st.binary(max_size=128),
+)
+def test_fuzzed_state_files_parse_typed_or_are_bundle_errors(doc, raw):
+    from edge_runtime.state.store import parse_state
+
+    for candidate in (json.dumps(doc).encode(), raw):
+        try:
+            state = parse_state(candidate, "state.json")
+        except BundleError:
+            continue
+        for version in (state.active, state.previous):
+            assert version is None or (
+                isinstance(version, str) and "/" not in version and version.strip() == version
+            )

@@ -13,6 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from edge_runtime.core.errors import BundleError
 from edge_runtime.core.types import TensorSpec
 
@@ -37,8 +39,10 @@ MAX_JSON_DEPTH = 64
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 """Model names, versions and bundle member names: one safe path component (use ``fullmatch``)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(rb"[\[\]{}]")
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_OPENING = np.frombuffer(b"[{", np.uint8)
+_CLOSING = np.frombuffer(b"]}", np.uint8)
 _FIELDS = frozenset(
     {"v", "name", "version", "profile", "engine", "model_file", "inputs", "outputs", "files", "golden",
      "session_config", "report", "created", "signer"}
@@ -51,12 +55,15 @@ def is_safe_name(value: object) -> bool:
 
 
 def check_json_depth(raw: bytes, what: str, limit: int = MAX_JSON_DEPTH) -> None:
-    """Raise BundleError when arrays/objects in JSON `raw` nest deeper than `limit` (before parsing)."""
-    depth = 0
-    for match in _BRACKET.finditer(_STRING.sub(b'""', raw)):
-        depth += 1 if match.group() in (b"[", b"{") else -1
-        if depth > limit:
-            raise BundleError(f"{what} nests deeper than {limit} levels; refusing it")
+    """Raise BundleError when arrays/objects in JSON `raw` nest deeper than `limit` (before parsing).
+
+    Linear time: escapes, then strings, are cut out by regexes that cannot backtrack, and the
+    running depth over the brackets left is a numpy cumulative sum.
+    """
+    plain = np.frombuffer(_STRING.sub(b"", _ESCAPE.sub(b"", raw)), np.uint8)
+    steps = np.isin(plain, _OPENING).astype(np.int32) - np.isin(plain, _CLOSING).astype(np.int32)
+    if steps.size and int(np.cumsum(steps, dtype=np.int32).max()) > limit:
+        raise BundleError(f"{what} nests deeper than {limit} levels; refusing it")
 
 
 def load_json_object(raw: bytes, what: str, max_bytes: int = MAX_MANIFEST_BYTES) -> dict[str, Any]:
