@@ -133,7 +133,7 @@ def test_signed_but_odd_manifests_are_bundle_errors(mlp_bundle_factory, signing_
         (b'{"v": 1, "a": ' + deep(100_000).encode() + b"}", "deeper than 64"),
         (b" " * (5 * 1024 * 1024), "larger than"),
         (b'"' + b'\\"' * 1_000_000, "not valid JSON"),  # linear-time depth scan: no backtracking
-        (b'{"v": 1, "report": "' + b"[" * 100_000 + b'"}', "name is missing"),  # brackets in strings do not nest
+        (b'{"v": 1, "report": "' + b"[" * 100_000 + b'"}', "name is missing"),  # strings do not nest
     ]:
         with pytest.raises(BundleError, match=message):
             Manifest.from_json(raw)

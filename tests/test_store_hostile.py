@@ -205,3 +205,15 @@ def test_fuzzed_state_files_parse_typed_or_are_bundle_errors(doc, raw):
             assert version is None or (
                 isinstance(version, str) and "/" not in version and version.strip() == version
             )
+
+
+def test_a_download_in_staging_is_moved_in_and_a_refused_one_removed(store, mlp_bundle_factory, tmp_path):
+    good = store.staging_dir() / "download.edgebundle"
+    good.write_bytes(mlp_bundle_factory("mlp", "1").read_bytes())
+    store.install(good)
+    assert not good.exists() and store.versions("mlp") == ["1"]
+    bad = store.staging_dir() / "bad.edgebundle"
+    bad.write_bytes(b"PK\x05\x06" + bytes(18))
+    with pytest.raises(BundleError):
+        store.install(bad)
+    assert list(store.staging_dir().iterdir()) == []

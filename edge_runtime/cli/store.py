@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from edge_runtime.config.profiles import DeviceProfile
+    from edge_runtime.state.store import ModelStore
 
 __all__ = ["store"]
 
@@ -30,7 +34,14 @@ store_option = click.option(
 )
 
 
-def _open(store_dir: Path, key_path: Path | None = None, profile: Any = None, *, create: bool = False) -> Any:
+def _open(
+    store_dir: Path,
+    key_path: Path | None = None,
+    profile: DeviceProfile | None = None,
+    *,
+    create: bool = False,
+) -> ModelStore:
+    """The store at `store_dir` (UsageError when missing, unless `create`)."""
     from edge_runtime.artifact.signing import load_public_key
     from edge_runtime.state.store import ModelStore
 
@@ -73,7 +84,7 @@ def install(
         )
 
 
-def _rows(models: Any, verify: bool) -> list[dict[str, Any]]:
+def _rows(models: ModelStore, verify: bool) -> list[dict[str, Any]]:
     """One row per installed version (or per model whose state cannot be read)."""
     from edge_runtime.artifact.bundle import read_manifest
     from edge_runtime.core.errors import EdgeError

@@ -212,10 +212,13 @@ class ModelStore:
         """Copy a bundle in, verify the copy (signature, sha256, compatibility), then move it into place.
 
         Never activates. Installing the same bytes again is a no-op; other bytes under an installed
-        version are refused (versions are immutable).
+        version are refused (versions are immutable). A file already in `staging_dir()` (a finished
+        download) is moved rather than copied, and removed if it is refused.
         """
         public_key, profile = self._verifier()
-        staged = self._stage(Path(bundle_path))
+        source = Path(bundle_path)
+        in_staging = source.parent.resolve() == self.staging_dir().resolve() and source.is_file()
+        staged = source if in_staging else self._stage(source)
         try:
             manifest = read_bundle(staged, public_key, limits=self.limits).manifest
             check_compatible(manifest, profile)
