@@ -78,6 +78,13 @@ def test_symlinked_model_folder_is_not_followed(store, tmp_path, mlp_bundle_fact
     assert store.models() == []
     with pytest.raises(BundleError, match="symbolic link"):
         store.install(mlp_bundle_factory("mlp", "1"))
+    (store.root / ".staging").rmdir()
+    (store.root / ".staging").symlink_to(elsewhere)
+    (store.root / ".lock").symlink_to(elsewhere / "lock")
+    with pytest.raises(BundleError, match="symbolic link"):
+        store.install(mlp_bundle_factory("other", "1"))
+    with pytest.raises(UsageError, match="cannot lock"):
+        store.activate("mlp", "1")
     assert list(elsewhere.iterdir()) == []
 
 

@@ -52,7 +52,7 @@ class FolderLock:
 
     def _acquire(self) -> int:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise UsageError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
         deadline = time.monotonic() + self.timeout_s

@@ -201,6 +201,8 @@ class ModelStore:
     def staging_dir(self) -> Path:
         """A folder on the store's file system for bundles on their way in (downloads, copies)."""
         folder = self.root / STAGING_DIR
+        if folder.is_symlink():
+            raise BundleError(f"model store: {folder} is a symbolic link; refusing to follow it")
         folder.mkdir(exist_ok=True)
         return folder
 
