@@ -224,3 +224,10 @@ def test_a_download_in_staging_is_moved_in_and_a_refused_one_removed(store, mlp_
     with pytest.raises(BundleError):
         store.install(bad)
     assert list(store.staging_dir().iterdir()) == []
+
+
+def test_store_files_are_readable_by_the_daemons_user(store, mlp_bundle_factory):
+    store.install(mlp_bundle_factory("mlp", "1"))
+    store.activate("mlp", "1")
+    for path in (store.bundle_path("mlp", "1"), store.root / "mlp" / "state.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path

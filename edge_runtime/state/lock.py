@@ -52,7 +52,8 @@ class FolderLock:
 
     def _acquire(self) -> int:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            # Read-only is enough for flock(2), so a lock file another user created still works.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise UsageError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
         deadline = time.monotonic() + self.timeout_s

@@ -45,6 +45,8 @@ STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 STAGING_DIR = ".staging"
 MAX_STATE_BYTES = 64 * 1024
+PUBLIC_MODE = 0o644
+"""Store files are readable by the daemon's user whoever wrote them (e.g. root running edgectl)."""
 _STATE_KEYS = frozenset({"v", "active", "previous"})
 
 
@@ -248,6 +250,7 @@ class ModelStore:
         try:
             with source.open("rb") as src:
                 fd, name = tempfile.mkstemp(suffix=BUNDLE_SUFFIX, dir=self.staging_dir())
+                os.fchmod(fd, PUBLIC_MODE)
                 with os.fdopen(fd, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
                     dst.flush()
@@ -311,7 +314,7 @@ class ModelStore:
             folder = self._model_dir(name)
             if not folder.is_dir():
                 raise NotFoundError(f"model '{name}' is not installed")
-            atomic_write(folder / STATE_FILE, state.to_json())
+            atomic_write(folder / STATE_FILE, state.to_json(), mode=PUBLIC_MODE)
 
     def activate(self, name: str, version: str) -> ModelState:
         """Make an installed version the active one; the formerly active one becomes `previous`."""
