@@ -8,6 +8,7 @@ odd member names are refused.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 import zipfile
 from pathlib import Path
@@ -109,6 +110,8 @@ def _mutations(manifest: dict[str, Any]) -> dict[str, tuple[Any, str]]:
         "unknown field": ({**manifest, "extra": 1}, "unknown field 'extra'"),
         "golden str": ({**manifest, "golden": "golden.npz"}, "golden. must be an object"),
         "golden rtol str": ({**manifest, "golden": {**manifest["golden"], "rtol": "1"}}, "rtol must be"),
+        "report nan": ({**manifest, "report": math.nan}, "report must be an object, not float"),
+        "golden atol nan": ({**manifest, "golden": {**manifest["golden"], "atol": math.nan}}, "atol must be a finite"),
         "session_config int": ({**manifest, "session_config": {"a": 1}}, "session_config value must be a string"),
         "model_file unlisted": ({**manifest, "model_file": "other.onnx"}, "files list does not hold"),
         "top-level list": ([manifest], "must hold a JSON object"),
@@ -129,7 +132,7 @@ def test_signed_but_odd_manifests_are_bundle_errors(mlp_bundle_factory, signing_
         with pytest.raises(BundleError, match=message):
             Manifest.from_json(raw)
     for raw, message in [
-        (b'{"v": 1, "report": NaN}', "NaN is not JSON"),
+        (b'{"v": 1, "report": NaN}', "name is missing"),
         (b'{"v": 1, "a": ' + deep(100_000).encode() + b"}", "deeper than 64"),
         (b" " * (5 * 1024 * 1024), "larger than"),
         (b'"' + b'\\"' * 1_000_000, "not valid JSON"),  # linear-time depth scan: no backtracking
@@ -233,3 +236,10 @@ def test_fuzzed_manifests_parse_or_are_bundle_errors(genuine_manifest, field, va
 @pytest.fixture
 def genuine_manifest(mlp_bundle_factory) -> dict[str, Any]:
     return json.loads(dict(members_of(mlp_bundle_factory()))["manifest.json"])
+
+
+def test_reports_with_infinite_numbers_still_read(mlp_bundle_factory, signing_keys, device_profile):
+    report = {"profile": device_profile.to_dict(), "sqnr_db": math.inf, "latency_ratio": math.nan}
+    bundle = read_bundle(mlp_bundle_factory(report=report), signing_keys.public_key)
+    read = bundle.manifest.report
+    assert read["sqnr_db"] == math.inf and math.isnan(read["latency_ratio"])
