@@ -223,7 +223,11 @@ class Outbox:
         """Random per file: with the sequence number it makes the record key."""
         self._dropped = int(counters["dropped"])
         self._dead = int(counters["dead"])
-        count, size = db.execute(f"SELECT COUNT(*), COALESCE(SUM({_SIZE}), 0) FROM records").fetchone()
+        self._recount()
+
+    def _recount(self) -> None:
+        """Count the records and their bytes from the file (at open, and after a rare repair)."""
+        count, size = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM({_SIZE}), 0) FROM records").fetchone()
         self._count, self._bytes = int(count), int(size)
 
     # -- writing ------------------------------------------------------------------------------
@@ -304,6 +308,9 @@ class Outbox:
                 raise self._translate(exc) from exc
             self._count -= int(count)
             self._bytes -= int(size)
+            if self._count < 0 or self._bytes < 0:  # another process wrote to the file
+                with contextlib.suppress(sqlite3.Error):
+                    self._recount()
             self._removed_since_checkpoint += int(count)
             if self._count == 0 or self._removed_since_checkpoint >= _CHECKPOINT_EVERY:
                 self._checkpoint()
@@ -326,11 +333,10 @@ class Outbox:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            count = size = 0
+            count = 0
             try:
                 for seq, reason in items:
-                    row = db.execute(f"SELECT {_SIZE} FROM records WHERE seq = ?", (seq,)).fetchone()
-                    if row is None:
+                    if db.execute("SELECT 1 FROM records WHERE seq = ?", (seq,)).fetchone() is None:
                         continue
                     db.execute(
                         "INSERT OR REPLACE INTO dead_letters SELECT seq, CAST(topic AS BLOB), payload, ?, ? "
@@ -339,7 +345,7 @@ class Outbox:
                     )
                     db.execute("DELETE FROM records WHERE seq = ?", (seq,))
                     db.execute("UPDATE counters SET value = value + 1 WHERE name = 'dead'")
-                    count, size = count + 1, size + int(row[0] or 0)
+                    count += 1
                 db.execute(
                     "DELETE FROM dead_letters WHERE seq NOT IN "
                     "(SELECT seq FROM dead_letters ORDER BY seq DESC LIMIT ?)",
@@ -352,7 +358,9 @@ class Outbox:
                 raise
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
-        self._count, self._bytes, self._dead = self._count - count, self._bytes - size, self._dead + count
+        self._dead += count
+        with contextlib.suppress(sqlite3.Error):  # rows we did not write may be among them: count again
+            self._recount()
         for seq, reason in items:
             log.error("outbox record %d cannot be sent (%s): moved to dead_letters", seq, reason)
 
