@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 CHECK_S = 5.0
 """How often components are checked when systemd does not watch the daemon."""
+SENDER_STALL_S = 120.0
+"""An outbox sender whose loop has not turned for this long is stuck (a hung disk, a deadlock)."""
 
 
 def sd_notify(message: str) -> bool:
@@ -113,7 +116,8 @@ class Daemon:
         healthy = getattr(self.link, "healthy", None)  # MqttLink.healthy(): network thread alive, not stuck
         if self.link is not None and callable(healthy) and not healthy():
             dead.append("mqtt")
-        if self.sender is not None and not self.sender.alive:
+        sender = self.sender
+        if sender is not None and (not sender.alive or time.monotonic() - sender.beat > SENDER_STALL_S):
             dead.append("outbox-sender")
         if self.telemetry is not None and not self.telemetry.alive:
             dead.append("telemetry")
