@@ -36,7 +36,8 @@ from edge_runtime.telemetry.loop import TelemetryLoop
 from edge_runtime.transports.mqtt.topics import DeviceTopics
 
 if TYPE_CHECKING:  # imported in start() only when enabled: a disabled transport costs no memory
-    from edge_runtime.state.outbox import Outbox, OutboxReset
+    from edge_runtime.state.outbox import Outbox
+    from edge_runtime.state.outbox_recovery import OutboxReset
     from edge_runtime.transports.http.server import HttpServer
     from edge_runtime.transports.mqtt.infer import MqttService
     from edge_runtime.transports.mqtt.link import MqttLink
@@ -188,7 +189,7 @@ class Daemon:
 
     def _start_mqtt(self, dataplane: DataPlane) -> None:
         from edge_runtime.codecs.payloads import EventKind, Presence, encode_event, encode_presence
-        from edge_runtime.state.outbox import open_outbox
+        from edge_runtime.state.outbox_recovery import open_outbox
         from edge_runtime.transports.mqtt.infer import MqttService
         from edge_runtime.transports.mqtt.link import MqttLink, Will
         from edge_runtime.transports.mqtt.sender import OutboxSender

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.state.outbox import WAL_LIMIT_BYTES, Outbox, open_outbox
+from edge_runtime.state.outbox import WAL_LIMIT_BYTES, Outbox
+from edge_runtime.state.outbox_recovery import KEEP_CORRUPT, open_outbox
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,8 +53,18 @@ def _header_only(path: Path) -> None:
     path.write_bytes(b"SQLite format 3\x00" + b"\x00" * 84)
 
 
+def _bad_counters(path: Path) -> None:
+    _filled(path, 3)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE counters SET value = 'many' WHERE name = 'dropped'")
+    db.commit()
+    db.close()
+
+
 @pytest.mark.parametrize(
-    "damage", [_garbage, _truncated, _directory, _other_schema, _header_only], ids=lambda f: f.__name__[1:]
+    "damage",
+    [_garbage, _truncated, _directory, _other_schema, _header_only, _bad_counters],
+    ids=lambda f: f.__name__[1:],
 )
 def test_a_damaged_outbox_is_moved_aside_and_a_fresh_one_started(
     tmp_path: Path, damage: Callable[[Path], None]
@@ -74,6 +85,19 @@ def test_a_damaged_outbox_is_moved_aside_and_a_fresh_one_started(
     outbox.close()
     again, second = open_outbox(path, max_records=100)
     assert second is None and len(again) == 1, "the fresh file is a good outbox on the next start"
+
+
+def test_only_the_newest_damaged_copies_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    for _ in range(KEEP_CORRUPT + 3):
+        _garbage(path)
+        outbox, reset = open_outbox(path, max_records=10)
+        assert reset is not None and reset.durable
+        outbox.close()
+    copies = sorted(
+        p.name for p in tmp_path.glob("outbox.sqlite.corrupt-*") if not p.name.endswith(("-wal", "-shm"))
+    )
+    assert len(copies) == KEEP_CORRUPT and Path(reset.moved_to).name in copies
 
 
 def test_a_good_outbox_is_opened_as_it_is(tmp_path: Path) -> None:
@@ -140,7 +164,7 @@ def test_a_full_disk_at_first_start_gives_an_outbox_in_memory(tmp_path: Path) ->
     got = _child(
         f"""
         import json, resource, signal
-        from edge_runtime.state.outbox import open_outbox
+        from edge_runtime.state.outbox_recovery import open_outbox
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
         box, reset = open_outbox({str(path)!r}, max_records=10)

@@ -16,15 +16,14 @@ stable across re-deliveries. Delivery is at-least-once (a record acknowledged by
 before a crash is sent again after the restart); consumers drop duplicates by ``key``.
 
 Nothing here raises into a producer: a failed ``put`` (disk full, I/O error) is counted in
-``faults`` and logged at a bounded rate. `open_outbox` moves a corrupt file aside and starts a
-fresh one, or keeps records in memory when no file can be created at all.
+``faults`` and logged at a bounded rate. `state.outbox_recovery.open_outbox` moves a damaged file
+aside and starts a fresh one, or keeps records in memory when no file can be created at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import sqlite3
 import threading
@@ -35,7 +34,7 @@ from typing import Any
 
 from edge_runtime.core.errors import TransientError, UsageError
 
-__all__ = ["Faults", "Outbox", "OutboxCorrupt", "OutboxError", "OutboxReset", "Record", "open_outbox"]
+__all__ = ["DEFAULT_MAX_BYTES", "Faults", "Outbox", "OutboxCorrupt", "OutboxError", "Record"]
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +110,15 @@ class Faults:
         log.warning("outbox %s; will retry%s", message, more)
 
 
-def _sqlite_error(exc: sqlite3.Error) -> bool:
+def _damaged(exc: sqlite3.Error) -> bool:
     """True when SQLite says the file is damaged or not a database."""
     name = getattr(exc, "sqlite_errorname", "") or ""
-    text = str(exc).lower()
-    return name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT") or "malformed" in text
+    return name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT") or "malformed" in str(exc)
 
 
 def _with_key(payload: bytes, key: str) -> bytes:
     """`payload` with ``"key"`` added when it is a JSON object; anything else unchanged."""
-    head = payload[:1]
-    if head != b"{":
+    if payload[:1] != b"{":
         return payload
     field = b'"key":"' + key.encode("ascii") + b'"'
     return b"{" + field + b"}" if payload.strip() == b"{}" else b"{" + field + b"," + payload[1:]
@@ -173,6 +170,9 @@ class Outbox:
         except sqlite3.Error as exc:
             self._db.close()
             raise self._translate(exc) from exc
+        except (ValueError, TypeError, KeyError) as exc:  # counters that are not numbers
+            self._db.close()
+            raise OutboxCorrupt(f"outbox {self.path} has unreadable counters: {exc!r}") from exc
 
     @property
     def durable(self) -> bool:
@@ -181,7 +181,7 @@ class Outbox:
 
     def _translate(self, exc: sqlite3.Error | OSError) -> OutboxError:
         where = self.path or "(memory)"
-        if isinstance(exc, sqlite3.Error) and _sqlite_error(exc):
+        if isinstance(exc, sqlite3.Error) and _damaged(exc):
             return OutboxCorrupt(f"outbox {where} is damaged: {exc}")
         return OutboxError(f"cannot use outbox {where}: {exc}")
 
@@ -238,6 +238,8 @@ class Outbox:
             self.faults.note("put", OutboxError(f"a {size}-byte record is over outbox.max_bytes"))
             with self._lock:
                 self._dropped += 1
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("UPDATE counters SET value = value + 1 WHERE name = 'dropped'")
             return None
         try:
             with self._lock:
@@ -426,59 +428,3 @@ class Outbox:
         """Close the file (records stay on disk)."""
         with self._lock:
             self._db.close()
-
-
-@dataclass(frozen=True)
-class OutboxReset:
-    """Why `open_outbox` did not open the file as it was."""
-
-    reason: str
-    moved_to: str | None
-    """Where the unusable file went (``outbox.sqlite.corrupt-<UTC time>``), if it was moved."""
-    durable: bool
-    """True: a fresh file was started; False: records are kept in memory only."""
-
-
-def _move_aside(path: Path) -> Path:
-    """Rename `path` (and its -wal/-shm) to ``<name>.corrupt-<UTC time>``; the new name."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    index = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{index}")
-        index += 1
-    os.replace(path, target)
-    for suffix in ("-wal", "-shm"):
-        side = path.with_name(path.name + suffix)
-        if side.exists():
-            os.replace(side, target.with_name(target.name + suffix))
-    return target
-
-
-def open_outbox(
-    path: Path, max_records: int, *, max_bytes: int = DEFAULT_MAX_BYTES
-) -> tuple[Outbox, OutboxReset | None]:
-    """The outbox at `path`; a damaged file is moved aside for a fresh one, and with no usable file, one in memory."""
-    path = Path(path)
-    try:
-        return Outbox(path, max_records, max_bytes=max_bytes), None
-    except OutboxCorrupt as exc:
-        reason = str(exc)
-    except OutboxError as exc:
-        return _in_memory(max_records, max_bytes, str(exc), None)
-    try:
-        moved = _move_aside(path)
-    except OSError as exc:
-        return _in_memory(max_records, max_bytes, f"{reason}; cannot move it aside: {exc}", None)
-    log.error("%s; moved it to %s and started a fresh one", reason, moved)
-    try:
-        return Outbox(path, max_records, max_bytes=max_bytes), OutboxReset(reason, str(moved), True)
-    except OutboxError as exc:
-        return _in_memory(max_records, max_bytes, f"{reason}; a fresh one failed too: {exc}", str(moved))
-
-
-def _in_memory(
-    max_records: int, max_bytes: int, reason: str, moved: str | None
-) -> tuple[Outbox, OutboxReset]:
-    log.error("%s; keeping telemetry and events in memory only (lost on restart)", reason)
-    return Outbox(None, max_records, max_bytes=max_bytes), OutboxReset(reason, moved, False)
