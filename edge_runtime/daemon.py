@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -111,17 +112,26 @@ class Daemon:
 
     def dead_components(self, timeout: float = 1.0) -> list[str]:
         """The started components that do not answer now: http, mqtt, outbox-sender, telemetry."""
+        http, link, sender, telemetry = self.http, self.link, self.sender, self.telemetry
+        checks: dict[str, Callable[[], bool]] = {}
+        if http is not None:
+            checks["http"] = lambda: http.responsive(timeout)
+        healthy = getattr(link, "healthy", None)  # MqttLink.healthy(): network thread alive, not stuck
+        if link is not None and callable(healthy):
+            checks["mqtt"] = healthy
+        if sender is not None:
+            checks["outbox-sender"] = lambda: sender.alive and time.monotonic() - sender.beat < SENDER_STALL_S
+        if telemetry is not None:
+            checks["telemetry"] = lambda: telemetry.alive
         dead = []
-        if self.http is not None and not self.http.responsive(timeout):
-            dead.append("http")
-        healthy = getattr(self.link, "healthy", None)  # MqttLink.healthy(): network thread alive, not stuck
-        if self.link is not None and callable(healthy) and not healthy():
-            dead.append("mqtt")
-        sender = self.sender
-        if sender is not None and (not sender.alive or time.monotonic() - sender.beat > SENDER_STALL_S):
-            dead.append("outbox-sender")
-        if self.telemetry is not None and not self.telemetry.alive:
-            dead.append("telemetry")
+        for name, answers in checks.items():
+            try:
+                ok = bool(answers())
+            except Exception:  # a check that fails is a component that does not answer
+                log.exception("checking %s failed", name)
+                ok = False
+            if not ok:
+                dead.append(name)
         return dead
 
     def faults(self) -> list[str]:
