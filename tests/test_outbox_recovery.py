@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_runtime.state.outbox import WAL_LIMIT_BYTES, Outbox
 from edge_runtime.state.outbox_recovery import KEEP_CORRUPT, open_outbox
@@ -21,10 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _filled(path: Path, count: int = 200) -> None:
-    box = Outbox(path, max_records=10_000)
-    for i in range(count):
-        box.put("t/x", json.dumps({"i": i, "pad": "x" * 200}).encode())
-    box.close()
+    """An outbox file holding `count` records (written in one transaction: quick)."""
+    Outbox(path, max_records=10_000).close()
+    db = sqlite3.connect(path)
+    rows = [("t/x", json.dumps({"i": i, "pad": "x" * 200}).encode(), 1, 0) for i in range(count)]
+    db.executemany("INSERT INTO records (topic, payload, qos, retain) VALUES (?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
 
 
 def _garbage(path: Path) -> None:
@@ -209,14 +214,14 @@ def test_bad_rows_are_buried_and_never_block_the_queue(tmp_path: Path) -> None:
 
 
 def test_the_wal_is_truncated_when_the_queue_drains(tmp_path: Path) -> None:
-    """4 MB through the outbox: the WAL stays near its limit while queuing and is emptied on drain."""
+    """3 MB through the outbox: the WAL stays near its limit while queuing and is emptied on drain."""
     path = tmp_path / "outbox.sqlite"
     wal = Path(str(path) + "-wal")
     outbox = Outbox(path, max_records=100_000)
     largest = 0
     seqs = []
-    for i in range(4000):
-        seqs.append(outbox.put("t", json.dumps({"i": i, "pad": "x" * 1000}).encode()))
+    for i in range(1500):
+        seqs.append(outbox.put("t", json.dumps({"i": i, "pad": "x" * 2000}).encode()))
         largest = max(largest, wal.stat().st_size)
     assert largest <= 2 * WAL_LIMIT_BYTES, f"WAL reached {largest} bytes"
     for start in range(0, len(seqs), 16):
@@ -254,3 +259,29 @@ def test_every_json_record_carries_a_stable_unique_key(tmp_path: Path) -> None:
     assert records[2].payload == b"raw bytes", "a payload that is not a JSON object is left alone"
     assert json.loads(records[0].payload) == {"key": keys[0], "v": 1, "n": 1}
     assert Outbox(tmp_path / "other.sqlite", max_records=1).id != reopened.id
+
+
+_VALUE = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(_VALUE, _VALUE, _VALUE, _VALUE), min_size=1, max_size=5))
+def test_any_row_in_the_file_is_sent_or_buried_never_raised(tmp_path_factory, rows) -> None:
+    """Rows are outside bytes (another tool, a damaged card): peek returns good ones and buries the rest."""
+    path = tmp_path_factory.mktemp("rows") / "outbox.sqlite"
+    Outbox(path, max_records=100).close()
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.executemany("INSERT INTO records (topic, payload, qos, retain) VALUES (?, ?, ?, ?)", rows)
+    raw.close()
+    outbox = Outbox(path, max_records=100)
+    outbox.put("good", b'{"last":true}')
+    got = outbox.peek(0, 100)
+    assert got[-1].topic == "good" and len(got) + outbox.buried == len(rows) + 1
+    assert all(isinstance(r.payload, bytes) and r.qos in (0, 1, 2) and r.topic for r in got)
+    assert len(outbox) == len(got) and len(outbox.peek(0, 100)) == len(got)
+    outbox.close()
