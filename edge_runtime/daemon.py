@@ -303,7 +303,7 @@ class Daemon:
             period = interval if interval is not None else CHECK_S
             dead: list[str] = []
             while not self._stop.wait(period):
-                dead = self._watch(dead, feed=interval is not None, timeout=min(period / 4, 2.0))
+                dead = self._watch(dead, feed=interval is not None, timeout=min(max(period / 2, 0.5), 2.0))
             sd_notify("STOPPING=1")
         finally:
             self.stop()
