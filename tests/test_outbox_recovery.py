@@ -94,15 +94,17 @@ def test_a_damaged_outbox_is_moved_aside_and_a_fresh_one_started(
 
 def test_only_the_newest_damaged_copies_are_kept(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
+    moved = []
     for _ in range(KEEP_CORRUPT + 3):
         _garbage(path)
         outbox, reset = open_outbox(path, max_records=10)
-        assert reset is not None and reset.durable
+        assert reset is not None and reset.durable and reset.moved_to is not None
+        moved.append(Path(reset.moved_to).name)
         outbox.close()
-    copies = sorted(
+    kept = sorted(
         p.name for p in tmp_path.glob("outbox.sqlite.corrupt-*") if not p.name.endswith(("-wal", "-shm"))
     )
-    assert len(copies) == KEEP_CORRUPT and Path(reset.moved_to).name in copies
+    assert kept == sorted(moved[-KEEP_CORRUPT:]), "the newest copies are kept, the older deleted"
 
 
 def test_a_good_outbox_is_opened_as_it_is(tmp_path: Path) -> None:

@@ -290,17 +290,21 @@ class Outbox:
         """Delete acknowledged records (unknown sequence numbers are ignored); OutboxError if it fails."""
         if not seqs:
             return
-        marks = ",".join("?" * len(seqs))
+        chunks = [seqs[start : start + 500] for start in range(0, len(seqs), 500)]  # SQLite's variable limit
+        count = size = 0
         with self._lock:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    count, size = db.execute(
-                        f"SELECT COUNT(*), COALESCE(SUM({_SIZE}), 0) FROM records WHERE seq IN ({marks})",
-                        seqs,
-                    ).fetchone()
-                    db.execute(f"DELETE FROM records WHERE seq IN ({marks})", seqs)
+                    for chunk in chunks:
+                        marks = ",".join("?" * len(chunk))
+                        found, found_size = db.execute(
+                            f"SELECT COUNT(*), COALESCE(SUM({_SIZE}), 0) FROM records WHERE seq IN ({marks})",
+                            chunk,
+                        ).fetchone()
+                        db.execute(f"DELETE FROM records WHERE seq IN ({marks})", chunk)
+                        count, size = count + int(found), size + int(found_size)
                     db.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
@@ -308,12 +312,12 @@ class Outbox:
                     raise
             except sqlite3.Error as exc:
                 raise self._translate(exc) from exc
-            self._count -= int(count)
-            self._bytes -= int(size)
+            self._count -= count
+            self._bytes -= size
             if self._count < 0 or self._bytes < 0:  # another process wrote to the file
                 with contextlib.suppress(sqlite3.Error):
                     self._recount()
-            self._removed_since_checkpoint += int(count)
+            self._removed_since_checkpoint += count
             if self._count == 0 or self._removed_since_checkpoint >= _CHECKPOINT_EVERY:
                 self._checkpoint()
 

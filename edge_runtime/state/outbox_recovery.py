@@ -28,14 +28,15 @@ class OutboxReset:
 
     reason: str
     moved_to: str | None
-    """Where the unusable file went (``outbox.sqlite.corrupt-<UTC time>``), if it was moved."""
+    """Where the unusable file went (``outbox.sqlite.corrupt-<UTC time to the µs>``), if it was moved."""
     durable: bool
     """True: a fresh file was started; False: records are kept in memory only."""
 
 
 def _move_aside(path: Path) -> Path:
     """Rename `path` (and its -wal/-shm) to ``<name>.corrupt-<UTC time>``; the new name."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     index = 1
     while target.exists():
@@ -46,17 +47,18 @@ def _move_aside(path: Path) -> Path:
         side = path.with_name(path.name + suffix)
         if side.exists():
             os.replace(side, target.with_name(target.name + suffix))
-    _prune_corrupt(path)
+    _prune_corrupt(path, target)
     return target
 
 
-def _prune_corrupt(path: Path) -> None:
+def _prune_corrupt(path: Path, newest: Path) -> None:
     """Delete all but the newest `KEEP_CORRUPT` damaged copies of `path` (with their -wal/-shm)."""
     copies = sorted(
         (p for p in path.parent.glob(f"{path.name}.corrupt-*") if not p.name.endswith(("-wal", "-shm"))),
-        key=lambda p: p.name,  # the names hold the UTC time they were moved
+        key=lambda p: p.name,  # the names hold the UTC time they were moved, to the microsecond
     )
-    for old in copies[:-KEEP_CORRUPT]:
+    older = [p for p in copies if p != newest]
+    for old in older[: max(0, len(older) - (KEEP_CORRUPT - 1))]:
         for item in (old, old.with_name(old.name + "-wal"), old.with_name(old.name + "-shm")):
             with contextlib.suppress(OSError):
                 if item.is_dir():
