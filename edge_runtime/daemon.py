@@ -3,6 +3,12 @@
 Every other module receives what it needs as arguments; this is the one place that builds them.
 `run()` serves until SIGTERM or SIGINT, reloads the model store on SIGHUP, and speaks the systemd
 notify protocol (READY=1, WATCHDOG=1, STOPPING=1) on ``$NOTIFY_SOCKET`` with a plain datagram socket.
+The watchdog is fed only while every component answers (the HTTP loop runs a callback, the MQTT
+link says it is healthy, the outbox sender and telemetry threads run): a dead one stops the pings,
+so systemd restarts the daemon, and an ERROR names it.
+
+An unusable outbox never stops the daemon: a damaged file is moved aside for a fresh one (event
+``outbox_reset``), and if no file can be created the records are kept in memory (health degraded).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import os
 import signal
 import socket
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -30,6 +38,7 @@ from edge_runtime.transports.mqtt.topics import DeviceTopics
 
 if TYPE_CHECKING:  # imported in start() only when enabled: a disabled transport costs no memory
     from edge_runtime.state.outbox import Outbox
+    from edge_runtime.state.outbox_recovery import OutboxReset
     from edge_runtime.transports.http.server import HttpServer
     from edge_runtime.transports.mqtt.infer import MqttService
     from edge_runtime.transports.mqtt.link import MqttLink
@@ -38,6 +47,11 @@ if TYPE_CHECKING:  # imported in start() only when enabled: a disabled transport
 __all__ = ["Daemon", "sd_notify"]
 
 log = logging.getLogger(__name__)
+
+CHECK_S = 5.0
+"""How often components are checked when systemd does not watch the daemon."""
+SENDER_STALL_S = 120.0
+"""An outbox sender whose loop has not turned for this long is stuck (a hung disk, a deadlock)."""
 
 
 def sd_notify(message: str) -> bool:
@@ -86,6 +100,8 @@ class Daemon:
         self.service: MqttService | None = None
         self.telemetry: TelemetryLoop | None = None
         self.failures: list[LoadFailure] = []
+        self.outbox_reset: OutboxReset | None = None
+        """Set when the outbox file was unusable at start (moved aside, or records kept in memory)."""
         self._stopping = False
         self._stop = threading.Event()
 
@@ -93,6 +109,37 @@ class Daemon:
     def http_port(self) -> int | None:
         """The port the HTTP API listens on (after start), or None when disabled."""
         return self.http.port if self.http else None
+
+    def dead_components(self, timeout: float = 1.0) -> list[str]:
+        """The started components that do not answer now: http, mqtt, outbox-sender, telemetry."""
+        http, link, sender, telemetry = self.http, self.link, self.sender, self.telemetry
+        checks: dict[str, Callable[[], bool]] = {}
+        if http is not None:
+            checks["http"] = lambda: http.responsive(timeout)
+        healthy = getattr(link, "healthy", None)  # MqttLink.healthy(): network thread alive, not stuck
+        if link is not None and callable(healthy):
+            checks["mqtt"] = healthy
+        if sender is not None:
+            checks["outbox-sender"] = lambda: sender.alive and time.monotonic() - sender.beat < SENDER_STALL_S
+        if telemetry is not None:
+            checks["telemetry"] = lambda: telemetry.alive
+        dead = []
+        for name, answers in checks.items():
+            try:
+                ok = bool(answers())
+            except Exception:  # a check that fails is a component that does not answer
+                log.exception("checking %s failed", name)
+                ok = False
+            if not ok:
+                dead.append(name)
+        return dead
+
+    def faults(self) -> list[str]:
+        """What makes the daemon unhealthy besides models and broker: dead components, a volatile outbox."""
+        faults = [f"{name} not answering" for name in self.dead_components()]
+        if self.outbox is not None and not self.outbox.durable:
+            faults.append("outbox in memory only")
+        return faults
 
     def health(self) -> Health:
         """The current health state."""
@@ -103,6 +150,7 @@ class Daemon:
             refused=len(registry.failures()) if registry else 0,
             broker_up=self.link is None or self.link.connected,
             stopping=self._stopping,
+            faults=tuple(self.faults()),
         )
 
     def model_telemetry(self) -> dict[str, Any]:
@@ -185,13 +233,23 @@ class Daemon:
 
     def _start_mqtt(self, dataplane: DataPlane) -> None:
         from edge_runtime.codecs.payloads import EventKind, Presence, encode_event, encode_presence
-        from edge_runtime.state.outbox import Outbox
+        from edge_runtime.state.outbox_recovery import open_outbox
         from edge_runtime.transports.mqtt.infer import MqttService
         from edge_runtime.transports.mqtt.link import MqttLink, Will
         from edge_runtime.transports.mqtt.sender import OutboxSender
 
         settings, topics = self.settings, self.topics
-        self.outbox = outbox = Outbox(Path(settings.outbox.path), settings.outbox.max_records)
+        outbox, self.outbox_reset = open_outbox(
+            Path(settings.outbox.path), settings.outbox.max_records, max_bytes=settings.outbox.max_bytes
+        )
+        self.outbox = outbox
+        if self.outbox_reset is not None:
+            reset = self.outbox_reset
+            event = encode_event(
+                EventKind.OUTBOX_RESET, settings.device_id, reason=reset.reason, moved_to=reset.moved_to,
+                durable=reset.durable,
+            )  # fmt: skip
+            outbox.put(topics.events, event, qos=1)
         presence = Will(
             topics.status,
             online=encode_presence(Presence.ONLINE, settings.device_id),
@@ -216,28 +274,47 @@ class Daemon:
             topics.events,
             outbox,
             interval_s=settings.telemetry.interval_s,
-            sources={"models": self.model_telemetry, "mqtt": service.stats},
+            sources={"models": self.model_telemetry, "mqtt": service.stats, "faults": self.faults},
             health=self.health,
             on_queued=sender.notify,
+            outbox_stats=sender.stats,
         )
         link.start()
         sender.start()
         self.telemetry.start()
 
     def stop(self) -> None:
-        """Stop in reverse order: telemetry, MQTT (publishing `offline`), outbox, HTTP."""
+        """Stop in reverse order: telemetry, outbox sender, MQTT (publishing `offline`), outbox, HTTP."""
         self._stopping = True
-        if self.telemetry is not None:
-            self.telemetry.stop()
-        if self.sender is not None:
-            self.sender.stop()
-        if self.link is not None:
-            self.link.stop()
-        if self.outbox is not None:
-            self.outbox.close()
-        if self.http is not None:
-            self.http.stop()
+        steps = [
+            ("telemetry", self.telemetry.stop if self.telemetry else None),
+            ("outbox-sender", self.sender.stop if self.sender else None),
+            ("mqtt", self.link.stop if self.link else None),
+            ("outbox", self.outbox.close if self.outbox else None),
+            ("http", self.http.stop if self.http else None),
+        ]
+        for name, step in steps:
+            try:
+                if step is not None:
+                    step()
+            except Exception:  # one component failing to stop must not keep the others running
+                log.exception("stopping %s failed", name)
         self._stop.set()
+
+    def _watch(self, before: list[str], *, feed: bool, timeout: float) -> list[str]:
+        """Check every component; ping the watchdog only if all answer; log a change once."""
+        dead = self.dead_components(timeout)
+        if dead != before:
+            if dead:
+                consequence = "not feeding the systemd watchdog (systemd restarts the daemon)" if feed else ""
+                log.error("not answering: %s; %s", ", ".join(dead), consequence or "no watchdog configured")
+                sd_notify(f"STATUS=degraded: {', '.join(dead)} not answering")
+            else:
+                log.warning("every component answers again")
+                sd_notify("STATUS=serving")
+        if feed and not dead:
+            sd_notify("WATCHDOG=1")
+        return dead
 
     def request_stop(self) -> None:
         """Ask `run()` to stop (thread- and signal-safe)."""
@@ -258,8 +335,10 @@ class Daemon:
                 f"READY=1\nSTATUS=serving {len(self.registry.models()) if self.registry else 0} model(s)"
             )
             interval = _watchdog_interval()
-            while not self._stop.wait(interval):
-                sd_notify("WATCHDOG=1")
+            period = interval if interval is not None else CHECK_S
+            dead: list[str] = []
+            while not self._stop.wait(period):
+                dead = self._watch(dead, feed=interval is not None, timeout=min(max(period / 2, 0.5), 2.0))
             sd_notify("STOPPING=1")
         finally:
             self.stop()

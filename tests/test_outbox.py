@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -14,7 +17,7 @@ import pytest
 
 from edge_runtime.config.settings import MqttSettings
 from edge_runtime.core.errors import UsageError
-from edge_runtime.state.outbox import Outbox
+from edge_runtime.state.outbox import Outbox, OutboxError
 from edge_runtime.transports.mqtt.link import MqttLink
 from edge_runtime.transports.mqtt.sender import OutboxSender
 from tests.broker import Broker, Probe, broker_fixture, eventually  # noqa: F401 (fixture)
@@ -44,17 +47,64 @@ def test_bound_drops_oldest_and_counts_across_reopen(tmp_path: Path) -> None:
     assert reopened.dropped == 7 and [r.payload for r in reopened.peek(0, 1)] == [b"7"]
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _strace() -> str:
+    """The strace binary; skip without it, fail in CI (apt-get install strace)."""
+    path = shutil.which("strace")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("strace is not installed; CI needs it to count the outbox's fsyncs")
+        pytest.skip("strace is not installed")
+    return path
+
+
 def test_file_is_wal_with_full_sync(tmp_path: Path) -> None:
-    Outbox(tmp_path / "o.sqlite", max_records=4).put("t", b"x")
+    """The settings in effect on the outbox's own connection (PRAGMA synchronous is per connection)."""
+    outbox = Outbox(tmp_path / "o.sqlite", max_records=4)
+    outbox.put("t", b"x")
+    pragmas = outbox.pragmas()
+    assert pragmas["journal_mode"] == "wal"
+    assert pragmas["synchronous"] == 2, "synchronous=FULL is 2 (NORMAL is 1, OFF is 0)"
     db = sqlite3.connect(tmp_path / "o.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_bad_bound_and_unwritable_path(tmp_path: Path) -> None:
+def test_every_put_is_synced_to_disk_before_it_returns(tmp_path: Path) -> None:
+    """Count the kernel's fsync/fdatasync calls on the WAL file while a child process puts records.
+
+    A SIGKILL cannot tell synchronous=FULL from OFF (the page cache survives the process); only the
+    syncs can. FULL syncs the WAL on every commit; NORMAL only at checkpoints; OFF never.
+    """
+    path = tmp_path / "o.sqlite"
+    script = textwrap.dedent(
+        f"""
+        from edge_runtime.state.outbox import Outbox
+        box = Outbox({str(path)!r}, max_records=1000)
+        print("opened", flush=True)
+        for i in range(30):
+            assert box.put("t", b"%d" % i) is not None
+        """
+    )
+    trace = tmp_path / "trace.txt"
+    result = subprocess.run(
+        [_strace(), "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace), sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    wal_syncs = [line for line in trace.read_text().splitlines() if re.search(r"sync\(\d+<[^>]*-wal>", line)]
+    assert len(wal_syncs) >= 30, f"{len(wal_syncs)} syncs of the WAL for 30 puts"
+    assert len(Outbox(path, max_records=1000)) == 30
+
+
+def test_bad_bound_and_unusable_path(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="max_records"):
         Outbox(tmp_path / "o.sqlite", max_records=0)
+    with pytest.raises(UsageError, match="max_bytes"):
+        Outbox(tmp_path / "o.sqlite", max_records=4, max_bytes=10)
     (tmp_path / "file").write_text("")
-    with pytest.raises(UsageError, match="cannot open outbox"):
+    with pytest.raises(OutboxError, match="cannot use outbox"):
         Outbox(tmp_path / "file" / "o.sqlite", max_records=4)
 
 

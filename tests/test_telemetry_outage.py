@@ -83,6 +83,9 @@ def test_every_record_arrives_once_in_order_after_an_outage(
         watcher.wait_for(lambda _items: len(_numbers(watcher)) >= last)
         eventually(lambda: len(daemon.outbox) == 0, what="outbox drained")  # type: ignore[arg-type]
         assert _numbers(watcher) == list(range(1, last + 1))
+        keys = [json.loads(i.payload)["key"] for i in watcher.received]
+        assert len(set(keys)) == len(keys), "every record (telemetry and events) has its own key"
+        assert all(key.startswith(daemon.outbox.id + "-") for key in keys)
         assert daemon.outbox.dropped == 0
         record = json.loads(
             next(i.payload for i in reversed(watcher.received) if i.topic == TOPICS.telemetry)
@@ -90,6 +93,8 @@ def test_every_record_arrives_once_in_order_after_an_outage(
         assert record["v"] == 1 and record["health"] in {h.value for h in Health}
         assert record["models"]["mlp"]["version"] == "1" and record["models"]["mlp"]["state"] == "serving"
         assert record["system"]["rss_bytes"] > 0
+        assert record["outbox"]["errors"] == 0 and record["outbox"]["last_error"] is None
+        assert record["outbox"]["durable"] is True and record["faults"] == []
     finally:
         daemon.stop()
         watcher.close()
@@ -142,6 +147,10 @@ def test_health_states_are_data() -> None:
     assert (
         assess_health(ready=False, serving=0, refused=0, broker_up=False, stopping=False) is Health.STARTING
     )
+    faulty = assess_health(
+        ready=True, serving=2, refused=0, broker_up=True, stopping=False, faults=("http not answering",)
+    )
+    assert faulty is Health.DEGRADED and faulty.is_serving and not faulty.is_healthy
 
 
 def test_device_sampler_reads_proc() -> None:

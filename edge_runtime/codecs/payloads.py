@@ -70,6 +70,8 @@ class EventKind(StrEnum):
     """A bundle failed verification, loading or its self-test; the other models keep serving."""
     TELEMETRY_DROPPED = "telemetry_dropped"
     """The outbox hit its bound while the broker was unreachable; the oldest records were dropped."""
+    OUTBOX_RESET = "outbox_reset"
+    """The outbox file was unusable at start: moved aside for a fresh one, or records kept in memory."""
 
 
 def _dumps(doc: dict[str, Any]) -> bytes:

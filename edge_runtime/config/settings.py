@@ -85,6 +85,8 @@ class OutboxSettings:
 
     path: str = "outbox.sqlite"
     max_records: int = 10000
+    max_bytes: int = 16 * 1024 * 1024
+    """Bound on the records' bytes (topics + payloads); beyond it, as beyond max_records, the oldest go."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def _check(settings: Settings, source: str) -> None:
         "mqtt.queue_size": settings.mqtt.queue_size,
         "telemetry.interval_s": settings.telemetry.interval_s,
         "outbox.max_records": settings.outbox.max_records,
+        "outbox.max_bytes": settings.outbox.max_bytes,
         "max_request_bytes": settings.max_request_bytes,
         "mqtt.reconnect_min_s": settings.mqtt.reconnect_min_s,
     }

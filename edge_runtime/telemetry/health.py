@@ -13,7 +13,7 @@ class Health(StrEnum):
     STARTING = "starting"
     RUNNING = "running"
     DEGRADED = "degraded"
-    """Serving, but a model was refused or the broker is unreachable."""
+    """Serving, but a model was refused, the broker is unreachable or a component is not answering."""
     ERRORED = "errored"
     """No model serving."""
     STOPPING = "stopping"
@@ -29,12 +29,20 @@ class Health(StrEnum):
         return self in (Health.STARTING, Health.RUNNING, Health.STOPPING)
 
 
-def assess_health(*, ready: bool, serving: int, refused: int, broker_up: bool, stopping: bool) -> Health:
-    """The health state from the facts telemetry knows."""
+def assess_health(
+    *,
+    ready: bool,
+    serving: int,
+    refused: int,
+    broker_up: bool,
+    stopping: bool,
+    faults: tuple[str, ...] = (),
+) -> Health:
+    """The health state from the facts telemetry knows (`faults`: components not answering, a volatile outbox)."""
     if stopping:
         return Health.STOPPING
     if not ready:
         return Health.STARTING
     if serving == 0:
         return Health.ERRORED
-    return Health.RUNNING if refused == 0 and broker_up else Health.DEGRADED
+    return Health.RUNNING if refused == 0 and broker_up and not faults else Health.DEGRADED

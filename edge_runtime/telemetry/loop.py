@@ -30,7 +30,11 @@ _THERMAL = Path("/sys/class/thermal")
 
 
 class TelemetryLoop:
-    """A thread that queues one telemetry record per interval in the outbox, plus drop events."""
+    """A thread that queues one telemetry record per interval in the outbox, plus drop events.
+
+    `outbox.put` never raises (a full disk is counted in the outbox's faults and reported in the
+    next record), and any other failure of a tick is logged: the thread runs until `stop()`.
+    """
 
     def __init__(
         self,
@@ -43,6 +47,7 @@ class TelemetryLoop:
         sources: dict[str, Callable[[], Any]],
         health: Callable[[], Health],
         on_queued: Callable[[], None] = lambda: None,
+        outbox_stats: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.device_id = device_id
         self.topic = topic
@@ -52,6 +57,8 @@ class TelemetryLoop:
         self.sources = sources
         self.health = health
         self.on_queued = on_queued
+        self.outbox_stats = outbox_stats
+        """Extra figures for the record's `outbox` section (the sender's)."""
         self.sampler = DeviceSampler()
         self.count = 0
         self._reported_drops = outbox.dropped
@@ -73,7 +80,7 @@ class TelemetryLoop:
             "system": self.sampler.sample(),
         }
         doc.update({name: source() for name, source in self.sources.items()})
-        doc["outbox"] = {"queued": len(self.outbox), "dropped_total": self.outbox.dropped}
+        doc["outbox"] = {**self.outbox.stats(), **self.outbox_stats()}
         return doc
 
     def tick(self) -> None:
@@ -91,6 +98,11 @@ class TelemetryLoop:
             self.outbox.put(self.events_topic, event, qos=1)
             self._reported_drops = dropped
         self.on_queued()
+
+    @property
+    def alive(self) -> bool:
+        """True while the periodic thread runs."""
+        return self._thread.is_alive()
 
     def start(self) -> None:
         """Start the periodic thread (the first record goes out at once)."""

@@ -380,6 +380,18 @@ class HttpServer:
             ) from error
         log.info("HTTP v2 API on http://%s:%d", self.host, self.port)
 
+    def responsive(self, timeout: float) -> bool:
+        """True if the event loop runs a callback within `timeout` seconds (the watchdog's check)."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return False
+        answered: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        try:
+            loop.call_soon_threadsafe(answered.set_result, True)
+            return answered.result(timeout)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # closed loop, or no answer in time
+            return False
+
     def stop(self) -> None:
         """Stop accepting, close every connection and the worker pool."""
         loop, thread = self._loop, self._thread
