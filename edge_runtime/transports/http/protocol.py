@@ -19,6 +19,7 @@ client sends waits in its own socket buffers, not in ours.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -55,6 +56,8 @@ _REASONS = {
     503: "Service Unavailable",
 }
 _VERSIONS = ("HTTP/1.1", "HTTP/1.0")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""A header field name (RFC 9110 5.1): no spaces, so no name means two things to two parsers."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def _headers(lines: list[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for line in lines:
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
+        if not colon or not _TOKEN.fullmatch(name):
             raise _malformed(f"bad header line {line[:40]!r}")
         key, value = name.lower(), value.strip()
         if key == "content-length" and headers.get(key, value) != value:
@@ -271,7 +274,7 @@ class Connection(asyncio.Protocol):
             self.transport.abort()  # its replies would never drain: close() would wait forever
         else:
             seconds = self.settings.header_timeout_s if phase == "head" else self._body_deadline()
-            self._reject(Failure(408, f"request {phase} not received within {seconds:g} s"), drain=False)
+            self._reject(Failure(408, f"request {phase} not received within {seconds:g} s"))
 
     def _body_deadline(self) -> float:
         length = self._head.length if self._head is not None else 0
@@ -395,7 +398,7 @@ class Connection(asyncio.Protocol):
         if not keep_alive:
             self._close()
 
-    def _reject(self, failure: Failure, *, drain: bool = True) -> None:
+    def _reject(self, failure: Failure) -> None:
         """Answer a request that cannot be read on, then close.
 
         Closing at once with unread data would reset the connection, and the client could lose
@@ -409,9 +412,6 @@ class Connection(asyncio.Protocol):
         transport.write(error_response(failure).to_bytes(keep_alive=False))
         self.closing = True
         self.buffer = bytearray()
-        if not drain:
-            self._close()
-            return
         if self._reading_paused:
             transport.resume_reading()
         self._timer = asyncio.get_running_loop().call_later(DRAIN_SECONDS, self._close)
