@@ -13,7 +13,6 @@ import pytest
 import tritonclient.http as triton
 
 from edge_runtime.codecs import v2
-from edge_runtime.config.settings import HttpSettings
 from edge_runtime.serving.dataplane import DataPlane
 from edge_runtime.serving.registry import ModelRegistry
 from edge_runtime.state.store import ModelStore
@@ -34,7 +33,7 @@ def server(request, monkeypatch, tmp_path, signing_keys, device_profile, mlp_bun
     store.activate(manifest.name, manifest.version)
     registry = ModelRegistry(device_profile)
     assert registry.load_all(store) == []
-    http_server = HttpServer(DataPlane(registry, max_request_bytes=LIMIT), HttpSettings(port=0))
+    http_server = HttpServer(DataPlane(registry, max_request_bytes=LIMIT), port=0)
     http_server.start()
     yield http_server
     http_server.stop()

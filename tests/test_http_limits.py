@@ -44,7 +44,11 @@ def serve(registry):
     servers: list[HttpServer] = []
 
     def start(**overrides) -> HttpServer:
-        server = HttpServer(DataPlane(registry, max_request_bytes=LIMIT), HttpSettings(port=0, **overrides))
+        dataplane = DataPlane(registry, max_request_bytes=LIMIT)
+        if overrides:
+            server = HttpServer(dataplane, HttpSettings(port=0, **overrides))
+        else:  # the defaults (this form also runs on the server before the limits existed)
+            server = HttpServer(dataplane, port=0)
         server.start()
         servers.append(server)
         return server
@@ -258,3 +262,31 @@ def test_ambiguous_heads_are_refused(serve, head, status):
         sock.sendall(head)
         reply = read_until_closed(sock)
     assert status_of(reply) == status
+
+
+def test_expect_continue_is_answered_before_the_body_and_refused_when_too_large(serve):
+    server = serve()
+    body = infer_body(1)
+    head = f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {{}}\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(head.format(LIMIT + 1).encode())  # over the limit: refused, no body sent
+        assert status_of(read_until_closed(sock)) == 413
+    with connect(server) as sock:
+        sock.sendall(head.format(len(body)).encode())
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        assert reply.status == 200 and json.loads(reply.read())["outputs"][0]["name"] == OUTPUT_NAME
+
+
+def test_http_limits_are_read_from_the_config_and_checked():
+    from edge_runtime.config.settings import parse_settings
+    from edge_runtime.core.errors import UsageError
+
+    base = 'device_id = "d"\nprofile = "x86-vnni-gateway"\nstore = "s"\npublic_key = "k"\n[http]\n'
+    settings = parse_settings(base + "max_connections = 8\nidle_timeout_s = 5.0\n", "edge.toml")
+    assert (settings.http.max_connections, settings.http.idle_timeout_s) == (8, 5.0)
+    assert settings.http.header_timeout_s == 10.0  # the defaults hold for what is not given
+    with pytest.raises(UsageError, match="edge.toml: http.header_timeout_s must be positive"):
+        parse_settings(base + "header_timeout_s = 0\n", "edge.toml")

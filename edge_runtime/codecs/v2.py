@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_CHUNK_VALUES = 1 << 16
+"""Values converted per numpy call for a large JSON tensor (see `_to_array`)."""
 _JSON_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 """For each target dtype kind, the kinds of JSON-parsed numbers it accepts without loss of meaning."""
 
@@ -133,13 +135,27 @@ class DecodedRequest:
     binary_outputs: bool | frozenset[str] = False
 
 
+def _to_array(data: Any) -> np.ndarray:
+    """``np.array(data)``, a slice of the outer list at a time when it is large.
+
+    One numpy call holds the GIL for its whole run; in slices, a worker converting a big request
+    lets the event loop thread run between them, so health checks are not held up.
+    """
+    if not isinstance(data, list) or len(data) < 2:
+        return np.array(data)
+    step = max(1, _CHUNK_VALUES // max(np.asarray(data[0]).size, 1))
+    if len(data) <= step:
+        return np.array(data)
+    return np.concatenate([np.array(data[i : i + step]) for i in range(0, len(data), step)])
+
+
 def _json_tensor(name: str, data: Any, dtype: np.dtype, *, nulls: bool = False) -> np.ndarray:
     """A flat or nested JSON list as an array of `dtype` (no silent truncation or wrap-around).
 
     `nulls`: read ``null`` as NaN in a float tensor (responses, where the server wrote NaN so).
     """
     try:
-        raw = np.array(data)
+        raw = _to_array(data)
         if nulls and raw.dtype == object and dtype.kind == "f":
             raw = np.array(data, dtype=np.float64)
     except (ValueError, TypeError) as exc:
@@ -321,7 +337,9 @@ def _json_values(array: np.ndarray) -> list[Any]:
     """A tensor's values as a flat JSON list; non-finite floats as None, so the JSON stays valid."""
     flat = array.ravel()
     if flat.dtype.kind == "f" and not np.isfinite(flat).all():
-        return np.where(np.isfinite(flat), flat, None).tolist()
+        values = flat.astype(object)
+        values[~np.isfinite(flat)] = None
+        return values.tolist()
     return flat.tolist()
 
 

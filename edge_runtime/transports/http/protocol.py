@@ -55,6 +55,8 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+REQUESTS_PER_TURN = 16
+"""Requests one connection may have answered on the loop before the others get a turn."""
 _VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """A header field name (RFC 9110 5.1): no spaces, so no name means two things to two parsers."""
@@ -176,6 +178,8 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.closing = False
         self.peer_done = False
+        self.yielding = False
+        """Answered its share of requests this turn; resumes on the loop's next pass."""
         self._reading_paused = False
         self._scan_from = 0
         self._head: Head | None = None
@@ -186,9 +190,10 @@ class Connection(asyncio.Protocol):
 
     # --- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         high = self.settings.write_high_water_bytes
-        self.transport.set_write_buffer_limits(high=high, low=high // 4)
+        transport.set_write_buffer_limits(high=high, low=high // 4)
         if self.refuse is not None:
             self._reject(self.refuse)
             return
@@ -237,7 +242,7 @@ class Connection(asyncio.Protocol):
         """Read only while no request is in flight and the client takes its replies."""
         if self.transport is None or self.closing:
             return
-        paused = self.busy or self.write_paused
+        paused = self.busy or self.write_paused or self.yielding
         if paused != self._reading_paused:
             self._reading_paused = paused
             (self.transport.pause_reading if paused else self.transport.resume_reading)()
@@ -287,17 +292,31 @@ class Connection(asyncio.Protocol):
 
     # --- parsing ---------------------------------------------------------------------------
     def _process(self) -> None:
-        """Answer every complete request in the buffer while the connection may go on."""
+        """Answer the complete requests in the buffer (a turn's worth) while the connection may go on."""
+        answered = 0
         while self.transport is not None and not (self.busy or self.write_paused or self.closing):
+            if self.yielding:
+                return
+            if answered == REQUESTS_PER_TURN:  # a pipelining client does not starve the others
+                self.yielding = True
+                self._update_reading()
+                asyncio.get_running_loop().call_soon(self._next_turn)
+                return
             if self._head is None and not self._take_head():
                 break
             if not self._take_body():
                 break
+            answered += 1
         self._wait()
+
+    def _next_turn(self) -> None:
+        self.yielding = False
+        self._update_reading()
+        self._process()
 
     def _wait(self) -> None:
         """Arm the timer for what the connection now waits for (or close a half-closed one)."""
-        if self.transport is None or self.closing or self.busy or self.write_paused:
+        if self.transport is None or self.closing or self.busy or self.write_paused or self.yielding:
             return
         if self.peer_done:
             self._close()
