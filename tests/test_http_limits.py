@@ -267,7 +267,7 @@ def test_ambiguous_heads_are_refused(serve, head, status):
 def test_expect_continue_is_answered_before_the_body_and_refused_when_too_large(serve):
     server = serve()
     body = infer_body(1)
-    head = f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {{}}\r\n\r\n"
+    head = "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n"
     with connect(server) as sock:
         sock.sendall(head.format(LIMIT + 1).encode())  # over the limit: refused, no body sent
         assert status_of(read_until_closed(sock)) == 413
@@ -288,5 +288,5 @@ def test_http_limits_are_read_from_the_config_and_checked():
     settings = parse_settings(base + "max_connections = 8\nidle_timeout_s = 5.0\n", "edge.toml")
     assert (settings.http.max_connections, settings.http.idle_timeout_s) == (8, 5.0)
     assert settings.http.header_timeout_s == 10.0  # the defaults hold for what is not given
-    with pytest.raises(UsageError, match="edge.toml: http.header_timeout_s must be positive"):
+    with pytest.raises(UsageError, match=r"edge\.toml: http\.header_timeout_s must be positive"):
         parse_settings(base + "header_timeout_s = 0\n", "edge.toml")
