@@ -267,7 +267,9 @@ def test_ambiguous_heads_are_refused(serve, head, status):
 def test_expect_continue_is_answered_before_the_body_and_refused_when_too_large(serve):
     server = serve()
     body = infer_body(1)
-    head = "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n"
+    head = (
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n"
+    )
     with connect(server) as sock:
         sock.sendall(head.format(LIMIT + 1).encode())  # over the limit: refused, no body sent
         assert status_of(read_until_closed(sock)) == 413
