@@ -12,7 +12,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from edge_runtime.transports.http.server import ACCEPT_LOG_INTERVAL_S
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADROOM = 24
@@ -60,6 +63,7 @@ def test_flood_near_the_fd_limit_is_answered_and_logged_calmly():
         cwd=ROOT,
     )
     sockets: list[socket.socket] = []
+    start = time.monotonic()
     try:
         assert child.stdout is not None and child.stdin is not None
         port = int(child.stdout.readline())
@@ -88,4 +92,5 @@ def test_flood_near_the_fd_limit_is_answered_and_logged_calmly():
     assert statuses.count(503) >= FLOOD - HEADROOM - 5  # the rest were told, not left to time out
     assert stats["events"]["shed_no_descriptor"] >= FLOOD - HEADROOM - 5
     assert "Traceback" not in log
-    assert 1 <= log.count("cannot accept HTTP connections") <= 2
+    reports_allowed = 2 + int((time.monotonic() - start) / ACCEPT_LOG_INTERVAL_S)  # one per interval
+    assert 1 <= log.count("cannot accept HTTP connections") <= reports_allowed

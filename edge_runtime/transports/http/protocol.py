@@ -13,7 +13,8 @@ a time); what a client gets when it hits one::
 
 Requests on one connection are answered in order, one at a time: while one runs on a worker, or
 while the client leaves its replies unread, the connection stops reading, so what a pipelining
-client sends waits in its own socket buffers, not in ours.
+client sends waits in its own socket buffers, not in ours. A connection answers at most
+``REQUESTS_PER_TURN`` requests on the loop before the other connections get a turn.
 """
 
 from __future__ import annotations
