@@ -231,3 +231,16 @@ def test_mqtt_payload_parsers_refuse_the_same_json():
             )  # fmt: skip
     with pytest.raises(RequestError, match="schema"):
         payloads.decode_json(b'{"v": true}', max_bytes=100)
+
+
+def test_a_large_body_is_parsed_preemptibly_and_decodes_the_same(monkeypatch):
+    x = np.random.default_rng(3).normal(size=(3000, 64)).astype(np.float32)
+    raw = body(tensor(shape=x.shape, data=None)).replace(b"null", json.dumps(x.tolist()).encode())
+    assert len(raw) > v2.PREEMPTIBLE_JSON_BYTES
+    calls = []
+    monkeypatch.setattr(v2, "_number", lambda text: calls.append(1) or float(text))
+    decoded = decode_request(raw, "m", None).request.inputs["x"]
+    np.testing.assert_array_equal(decoded, x)
+    assert len(calls) == x.size  # every number went through a Python-level call
+    with pytest.raises(RequestError, match=NOT_A_NUMBER):
+        decode_request(raw.replace(b"]]", b", NaN]]", 1), "m", None)
