@@ -187,7 +187,7 @@ class Daemon:
         if settings.http.enabled:
             from edge_runtime.transports.http.server import HttpServer
 
-            self.http = HttpServer(self.dataplane, settings.http.host, settings.http.port)
+            self.http = HttpServer(self.dataplane, settings.http)
             self.http.start()
         if settings.mqtt.enabled:
             self._start_mqtt(self.dataplane)

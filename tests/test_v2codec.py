@@ -146,3 +146,101 @@ def test_an_already_parsed_document_decodes_like_its_bytes():
 def test_bad_parsed_documents_are_request_errors(doc, message):
     with pytest.raises(RequestError, match=message):
         decode_infer_document(doc, "m", None)
+
+
+TOO_DEEP = "nested too deeply"
+NOT_A_NUMBER = "NaN and Infinity are not valid JSON numbers"
+DEEP = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (DEEP, "not valid JSON: nested too deeply"),
+        (body(tensor(data=None)).replace(b"null", b"[1, NaN, 3, 4]"), "NaN and Infinity are not valid JSON"),
+        (body(tensor(data=None)).replace(b"null", b"[1, 2, Infinity, 4]"), "NaN and Infinity are not valid"),
+        (body(tensor(data=None)).replace(b"null", b"[1, 2, 3, -Infinity]"), "NaN and Infinity are not valid"),
+        (body(tensor(), outputs=[{"name": "y", "parameters": [1]}]), "output 'y': 'parameters' must be an object"),
+        (body(tensor(), outputs=[{"name": "y", "parameters": "x"}]), "'parameters' must be an object"),
+        (body(tensor(), outputs=[{"name": "y", "parameters": {"binary_data": "no"}}]), "must be true or false"),
+        (body(tensor(), parameters=[1]), "request: 'parameters' must be an object"),
+        (body(tensor(), parameters={"binary_data_output": 1}), "must be true or false"),
+        (body({**tensor(), "parameters": 7}), "input 'x': 'parameters' must be an object"),
+        (body({**tensor(data=None), "parameters": {"binary_data_size": True}}), "binary_data_size True"),
+        (body(tensor(), id={"a": 1}), "'id' must be a string"),
+    ],
+    ids=["deep", "nan", "inf", "-inf", "out-params-list", "out-params-str", "binary-data-str",
+         "params-list", "binary-output-int", "in-params-int", "size-bool", "id-object"],
+)  # fmt: skip
+def test_hostile_json_is_the_same_request_error_on_both_paths(raw, message):
+    with pytest.raises(RequestError, match=message):
+        decode_request(raw, "m", None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [(DEEP, TOO_DEEP), (b"[1, NaN]", NOT_A_NUMBER), (b"[Infinity]", NOT_A_NUMBER),
+     (b"[-Infinity]", NOT_A_NUMBER), (b'{"a": "NaN", "b": NaN}', NOT_A_NUMBER)],
+    ids=["deep", "nan", "inf", "-inf", "nan-after-string"],
+)  # fmt: skip
+def test_json_errors_read_exactly_the_same_with_and_without_orjson(raw, message):
+    with pytest.raises(ValueError) as info:  # v2.JsonError
+        v2.json_loads(raw)
+    assert str(info.value) == message
+
+
+def test_other_json_errors_are_json_errors_too():
+    for raw in (b'{"a": }', b"\xff", b"", b"[1] x"):
+        with pytest.raises(ValueError):  # v2.JsonError
+            v2.json_loads(raw)
+
+
+def test_non_finite_outputs_are_null_and_the_body_stays_valid_json():
+    outputs = {"y": np.array([1.5, np.nan, np.inf, -np.inf], np.float32), "k": np.array([1, 2], np.int64)}
+    raw, headers = encode_infer_response(InferResponse("m", "1", outputs))
+
+    def refuse(name):
+        raise AssertionError(f"{name} in a response body")
+
+    doc = json.loads(raw, parse_constant=refuse)  # strict JSON: no NaN literal
+    assert headers == {} and doc["outputs"][0]["data"] == [1.5, None, None, None]
+    decoded = decode_infer_response(raw).outputs["y"]
+    assert decoded.dtype == np.float32 and decoded[0] == 1.5 and np.isnan(decoded[1:]).all()
+    assert v2.json_dumps({"stat": float("nan")}) == b'{"stat":null}'
+
+
+def test_binary_outputs_carry_non_finite_values_exactly():
+    values = np.array([np.nan, np.inf, -np.inf], np.float32)
+    raw, headers = encode_infer_response(InferResponse("m", "1", {"y": values}), binary_outputs=True)
+    decoded = decode_infer_response(raw, header_length=int(headers[HEADER_LENGTH])).outputs["y"]
+    assert np.isnan(decoded[0]) and decoded[1] == np.inf and decoded[2] == -np.inf
+
+
+def test_mqtt_payload_parsers_refuse_the_same_json():
+    from edge_runtime.codecs import payloads
+    from edge_runtime.core.types import StreamDecoding
+
+    for raw, message in ((DEEP, "nested too deeply"), (b'{"inputs": [NaN]}', "NaN and Infinity")):
+        with pytest.raises(RequestError, match=message):
+            payloads.decode_json(raw, max_bytes=len(raw))
+    for raw, message in ((b"[" * 100_000, "nested too deeply"), (b"[1, NaN]", "NaN and Infinity")):
+        with pytest.raises(RequestError, match=message):
+            payloads.decode_stream(
+                raw, model="m", decoding=StreamDecoding.JSON, input_name="x", dtype="float32",
+                shape=(), max_bytes=len(raw),
+            )  # fmt: skip
+    with pytest.raises(RequestError, match="schema"):
+        payloads.decode_json(b'{"v": true}', max_bytes=100)
+
+
+def test_a_large_body_is_parsed_preemptibly_and_decodes_the_same(monkeypatch):
+    x = np.random.default_rng(3).normal(size=(3000, 64)).astype(np.float32)
+    raw = body(tensor(shape=x.shape, data=None)).replace(b"null", json.dumps(x.tolist()).encode())
+    assert len(raw) > v2.PREEMPTIBLE_JSON_BYTES
+    calls = []
+    monkeypatch.setattr(v2, "_number", lambda text: calls.append(1) or float(text))
+    decoded = decode_request(raw, "m", None).request.inputs["x"]
+    np.testing.assert_array_equal(decoded, x)
+    assert len(calls) == x.size  # every number went through a Python-level call
+    with pytest.raises(RequestError, match=NOT_A_NUMBER):
+        decode_request(raw.replace(b"]]", b", NaN]]", 1), "m", None)

@@ -46,6 +46,7 @@ def serve_ours(workdir: Path, port: int, inline_max_ms: float) -> None:
     from edge_runtime.artifact.bundle import write_bundle
     from edge_runtime.artifact.manifest import Manifest
     from edge_runtime.config.profiles import load_profile
+    from edge_runtime.config.settings import HttpSettings
     from edge_runtime.core.types import TensorSpec
     from edge_runtime.serving.dataplane import DataPlane
     from edge_runtime.serving.registry import ModelRegistry
@@ -73,7 +74,7 @@ def serve_ours(workdir: Path, port: int, inline_max_ms: float) -> None:
     store.activate(MODEL_NAME, "1")
     registry = ModelRegistry(profile, threads=1)
     registry.load_all(store)
-    server = HttpServer(DataPlane(registry), port=port, inline_max_ms=inline_max_ms)
+    server = HttpServer(DataPlane(registry), HttpSettings(port=port, inline_max_ms=inline_max_ms))
     server.start()
     while True:
         time.sleep(3600)

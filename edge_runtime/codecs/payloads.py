@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.codecs.v2 import (
+    JsonError,
     decode_infer_document,
     decode_infer_request,
     decode_infer_response,
@@ -93,11 +94,12 @@ def decode_json(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
         raise PayloadTooLarge(f"payload is {len(raw)} bytes, the limit is {max_bytes}")
     try:
         doc = json_loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except JsonError as exc:
         raise RequestError(f"payload is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise RequestError("payload must be a JSON object")
-    if doc.get("v", PAYLOAD_VERSION) != PAYLOAD_VERSION:
+    version = doc.get("v", PAYLOAD_VERSION)
+    if type(version) is not int or version != PAYLOAD_VERSION:
         raise RequestError(
             f"payload schema v{doc.get('v')} is not supported (this device reads v{PAYLOAD_VERSION})"
         )
@@ -234,8 +236,8 @@ def decode_stream(
         array = np.frombuffer(raw, dtype=target.newbyteorder("<")).astype(target)
     else:
         try:
-            values = np.array(json.loads(raw))
-        except (ValueError, UnicodeDecodeError) as exc:
+            values = np.array(json_loads(raw))
+        except (JsonError, ValueError) as exc:  # ValueError: a ragged list
             raise RequestError(f"payload is not a JSON array of numbers: {exc}") from None
         if values.dtype.kind not in "biuf" or values.ndim == 0:
             raise RequestError("payload must be a JSON (nested) array of numbers")

@@ -47,6 +47,35 @@ class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     """0 picks a free port."""
+    max_connections: int = 256
+    """Open client connections; one more is answered 503 and closed (keep it well under LimitNOFILE)."""
+    header_timeout_s: float = 10.0
+    """A request head (line and headers) must arrive whole within this time of its first byte."""
+    body_timeout_s: float = 10.0
+    body_min_bytes_per_s: int = 256 * 1024
+    """A body of n bytes must arrive within ``body_timeout_s + n / body_min_bytes_per_s``."""
+    idle_timeout_s: float = 60.0
+    """A keep-alive connection with no request in progress is closed after this long."""
+    write_timeout_s: float = 60.0
+    """A client that reads none of its replies for this long is disconnected."""
+    write_high_water_bytes: int = 256 * 1024
+    """Replies queued for a client beyond which its connection stops reading requests."""
+    max_header_bytes: int = 64 * 1024
+    max_pending_body_bytes: int = 64 * 1024 * 1024
+    """Request bodies held at once over all connections; a body that would exceed it gets 503."""
+    inline_max_body_bytes: int = 64 * 1024
+    """Only requests with smaller bodies may run on the event loop (the rest go to a worker)."""
+    inline_max_ms: float = 1.0
+    """... and only for models whose recent requests took less than this."""
+    workers: int = 4
+    """Threads that decode, run and encode requests too large or slow to answer on the loop."""
+
+    def check(self, source: str) -> None:
+        """UsageError naming the first limit that is not positive."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name not in ("enabled", "host", "port") and value <= 0:
+                raise UsageError(f"{source}: http.{item.name} must be positive, got {value}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +181,7 @@ def _check(settings: Settings, source: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UsageError(f"{source}: {key} must be positive, got {value}")
+    settings.http.check(source)
     for index, binding in enumerate(settings.streams):
         where = f"{source}: streams[{index}]"
         try:
