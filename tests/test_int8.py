@@ -18,6 +18,9 @@ from compressor.pipeline import compress
 from edge_runtime.config.profiles import load_profile
 from edge_runtime.core.errors import ModelError
 
+# Latency is measured but must not decide these outcomes: equal fixed timings (see conftest).
+pytestmark = pytest.mark.usefixtures("fixed_latency")
+
 
 def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value.astype(np.float32)))
