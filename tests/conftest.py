@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from edge_runtime.artifact import signing
 from edge_runtime.artifact.bundle import write_bundle
@@ -30,6 +32,16 @@ from tests.mlp_models import (
 )
 
 TFLITE_HINT = "pip install ai-edge-litert==2.3.0"
+
+# Property tests: each sets its own max_examples and deadline; the profile sets how they run.
+# "ci" is reproducible (fixed seed, no example database) and prints the blob that replays a failure.
+hypothesis_settings.register_profile(
+    "ci", derandomize=True, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.register_profile("dev", print_blob=True)
+hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
+)
 
 
 def in_ci() -> bool:
