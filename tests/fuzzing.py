@@ -4,6 +4,7 @@ strategies for JSON, TOML and byte mutations."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -88,9 +89,24 @@ toml_scalars = (
     st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats()
-    | st.text(max_size=16)
+    | st.text(st.characters(exclude_categories=["Cs"]), max_size=16)  # TOML strings hold no surrogates
     | st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31))
 )
+
+
+toml_values = (
+    toml_scalars
+    | st.lists(toml_scalars, max_size=3)
+    | st.dictionaries(st.text(min_size=1, max_size=6), toml_scalars, max_size=2)
+)
+"""Any TOML value: a scalar of each type (nan, inf, datetimes included), an array or an inline table."""
+toml_edge_values = (
+    st.sampled_from(
+        [math.nan, math.inf, -math.inf, 0, -1, 0.0, -0.5, 2**63 - 1, -(2**63), "", "x", True, [], {}]
+    )
+    | toml_values
+)
+"""TOML values with the edge cases (non-finite, zero, negative, extreme, empty, wrong type) drawn often."""
 
 
 def toml_value(value: Any) -> str:
@@ -159,10 +175,16 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return found
 
 
-def corrupt(doc: Any, draw: Callable[[st.SearchStrategy[Any]], Any], *, at_most: int = 2) -> Any:
-    """A deep copy of `doc` with up to `at_most` values replaced by random JSON (or keys deleted):
-    mostly-valid input that gets past the first checks and into the deeper ones."""
-    doc = json.loads(json.dumps(doc))
+def corrupt(
+    doc: Any,
+    draw: Callable[[st.SearchStrategy[Any]], Any],
+    *,
+    at_most: int = 2,
+    values: st.SearchStrategy[Any] | None = None,
+) -> Any:
+    """A deep copy of `doc` with up to `at_most` values replaced by random ones (JSON by default) or
+    keys deleted: mostly-valid input that gets past the first checks and into the deeper ones."""
+    doc = copy.deepcopy(doc)
     for _ in range(draw(st.integers(0, at_most))):
         paths = _paths(doc)
         if not paths:
@@ -174,5 +196,42 @@ def corrupt(doc: Any, draw: Callable[[st.SearchStrategy[Any]], Any], *, at_most:
         if isinstance(parent, dict) and draw(st.booleans()):
             del parent[path[-1]]
         else:
-            parent[path[-1]] = draw(json_values)
+            parent[path[-1]] = draw(json_values if values is None else values)
+    return doc
+
+
+def _same_type_edge(value: Any) -> st.SearchStrategy[Any]:
+    """Edge values of `value`'s own type: what gets past the type check and into the range checks."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if isinstance(value, int):
+        return st.sampled_from([0, -1, 1, 65535, 65536, 2**31, 2**63 - 1, -(2**63)]) | st.integers()
+    if isinstance(value, float):
+        return st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, 1e-300, 1e308]) | st.floats()
+    if isinstance(value, str):
+        odd = ["", " ", "a/b", "+", "#", "$SYS/x", "\x00", "../../etc", "{device}", "x" * 300]
+        return st.sampled_from(odd) | st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
+    if isinstance(value, list):
+        return st.just([]) | st.just(value * 3)
+    return st.just(value)
+
+
+def tweak(doc: Any, draw: Callable[[st.SearchStrategy[Any]], Any], *, at_most: int = 2) -> Any:
+    """A deep copy of `doc` with up to `at_most` leaves set to an edge value of their own type (or,
+    now and then, to a value of another type): valid structure, hostile values."""
+    doc = copy.deepcopy(doc)
+    for _ in range(draw(st.integers(1, at_most))):
+        leaves = [p for p in _paths(doc) if not isinstance(_at(doc, p), dict)]
+        if not leaves:
+            break
+        path = draw(st.sampled_from(leaves))
+        parent = _at(doc, path[:-1])
+        old = parent[path[-1]]
+        parent[path[-1]] = draw(toml_values if draw(st.integers(0, 4)) == 0 else _same_type_edge(old))
+    return doc
+
+
+def _at(doc: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        doc = doc[key]
     return doc
