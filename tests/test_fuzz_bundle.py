@@ -229,9 +229,7 @@ state_documents = st.fixed_dictionaries(
 
 @settings(max_examples=250, deadline=timedelta(seconds=1))
 @given(
-    raw=st.binary(max_size=128)
-    | state_documents.map(lambda d: json.dumps(d).encode())
-    | st.just(b"[" * 5000)
+    raw=st.binary(max_size=128) | state_documents.map(lambda d: json.dumps(d).encode()) | st.just(b"[" * 5000)
 )
 def test_state_json(valid: dict[str, Any], scratch: Path, raw: bytes) -> None:
     with example_folder(scratch) as folder:
