@@ -32,7 +32,7 @@ from edge_runtime.state.store import ModelState, ModelStore
 from tests.conftest import make_keys
 from tests.fuzzing import corrupt, json_values, mutate, outcome, tree
 
-BUNDLE_SETTINGS = settings(max_examples=200, deadline=timedelta(seconds=2))
+BUNDLE_SETTINGS = settings(max_examples=150, deadline=timedelta(seconds=5))
 COMPRESSIONS = [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
 MEMBER_NAMES = st.sampled_from(
     [
@@ -227,7 +227,7 @@ state_documents = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=250, deadline=timedelta(seconds=1))
+@settings(max_examples=250, deadline=timedelta(seconds=2))
 @given(
     raw=st.binary(max_size=128) | state_documents.map(lambda d: json.dumps(d).encode()) | st.just(b"[" * 5000)
 )

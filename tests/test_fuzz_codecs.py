@@ -21,7 +21,7 @@ from edge_runtime.core.errors import EdgeError
 from edge_runtime.core.types import InferRequest, InferResponse, StreamDecoding
 from tests.fuzzing import corrupt, json_scalars, json_values, mutate, outcome
 
-FAST = settings(max_examples=300, deadline=timedelta(milliseconds=500))
+FAST = settings(max_examples=200, deadline=timedelta(seconds=2))
 
 
 def _json_libraries() -> list[Any]:

@@ -24,7 +24,7 @@ from edge_runtime.config.settings import Settings, load_settings, parse_settings
 from edge_runtime.core.errors import EdgeError, ProfileError, UsageError
 from tests.fuzzing import corrupt, outcome, tables, toml_document, toml_edge_values, tweak
 
-TOML_SETTINGS = settings(max_examples=200, deadline=timedelta(seconds=1))
+TOML_SETTINGS = settings(max_examples=200, deadline=timedelta(seconds=2))
 
 
 def key_tree(cls: type) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def test_profile_random_text(text: str) -> None:
     assert isinstance(result, ProfileError | DeviceProfile), repr(result)
 
 
-@settings(max_examples=100, deadline=timedelta(seconds=1))
+@settings(max_examples=100, deadline=timedelta(seconds=2))
 @given(raw=st.binary(max_size=100))
 def test_settings_and_profile_files_of_random_bytes(raw: bytes) -> None:
     with tempfile.TemporaryDirectory() as folder:
