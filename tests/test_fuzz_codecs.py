@@ -265,3 +265,13 @@ def test_mqtt_replies(doc: dict[str, Any], data: st.DataObject) -> None:
         assert isinstance(result, EdgeError | InferResponse), result
         if isinstance(result, InferResponse):
             assert all(isinstance(a, np.ndarray) for a in result.outputs.values())
+
+
+@FAST
+@given(values=st.lists(st.floats(width=32), min_size=1, max_size=6))
+def test_v2_non_finite_numbers_get_one_answer_with_and_without_orjson(values: list[float]) -> None:
+    """NaN / Infinity are not JSON; the standard library reads them, orjson does not: one behaviour."""
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(values)], "data": values}]}
+    body = json.dumps(doc).encode()  # writes NaN / Infinity / -Infinity literals for non-finite floats
+    results = [_with_json(lib, lambda: _decode(body, None)) for lib in _json_libraries()]
+    _same_outcome(results)
