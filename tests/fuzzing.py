@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import tempfile
 import tracemalloc
 from collections.abc import Callable
 from datetime import datetime
@@ -38,6 +39,15 @@ def outcome(call: Callable[[], T], *, memory_limit: int = MEMORY_LIMIT) -> T | E
         tracemalloc.stop()
     assert peak <= memory_limit, f"parsing took {peak / 2**20:.1f} MiB (limit {memory_limit / 2**20:.0f} MiB)"
     return result
+
+
+def scratch_root(fallback: Path) -> Path:
+    """Where per-example files go: /dev/shm when the machine has it (bundle and outbox writes fsync,
+    which on a loaded disk makes a few hundred examples take minutes), else `fallback`."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="edge-fuzz-", dir=shm))
+    return fallback
 
 
 def tree(folder: Path) -> dict[str, bytes]:

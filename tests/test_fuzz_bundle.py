@@ -30,7 +30,7 @@ from edge_runtime.core.errors import EdgeError
 from edge_runtime.core.files import sha256_hex
 from edge_runtime.state.store import ModelState, ModelStore
 from tests.conftest import make_keys
-from tests.fuzzing import corrupt, json_values, mutate, outcome, tree
+from tests.fuzzing import corrupt, json_values, mutate, outcome, scratch_root, tree
 
 BUNDLE_SETTINGS = settings(max_examples=150, deadline=timedelta(seconds=5))
 COMPRESSIONS = [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
@@ -93,9 +93,11 @@ def valid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A folder for the per-example folders (hypothesis runs many examples per test function)."""
-    return tmp_path_factory.mktemp("fuzz-scratch")
+    folder = scratch_root(tmp_path_factory.mktemp("fuzz-scratch"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -199,7 +201,7 @@ def test_manifests_with_odd_content(
             assert isinstance(result, EdgeError), "a manifest changed after signing must be refused"
 
 
-@BUNDLE_SETTINGS
+@settings(BUNDLE_SETTINGS, max_examples=100)
 @given(golden=st.binary(max_size=256), data=st.data())
 def test_signed_bundle_with_odd_golden_data(
     valid: dict[str, Any], scratch: Path, golden: bytes, data: st.DataObject

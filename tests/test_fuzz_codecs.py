@@ -275,3 +275,22 @@ def test_v2_non_finite_numbers_get_one_answer_with_and_without_orjson(values: li
     body = json.dumps(doc).encode()  # writes NaN / Infinity / -Infinity literals for non-finite floats
     results = [_with_json(lib, lambda: _decode(body, None)) for lib in _json_libraries()]
     _same_outcome(results)
+
+
+@FAST
+@given(case=valid_requests(), where=st.sampled_from(["request", "outputs", "inputs"]), value=json_values)
+def test_v2_parameters_of_any_type(case: tuple[dict[str, Any], bytes, dict], where: str, value: Any) -> None:
+    """`parameters` (of the request, of an output, of an input) holding any JSON value: 400, never 500."""
+    doc = json.loads(json.dumps(case[0]))
+    if where == "request":
+        doc["parameters"] = value
+    elif where == "outputs":
+        doc["outputs"] = [{"name": name, "parameters": value} for name in case[2]]
+    else:
+        doc["inputs"][0]["parameters"] = value
+    body = json.dumps(doc).encode()
+    results = [_with_json(lib, lambda: _decode(body, None)) for lib in _json_libraries()]
+    for result in results:
+        if not isinstance(result, EdgeError):
+            _check_request(result.request)
+    _same_outcome(results)

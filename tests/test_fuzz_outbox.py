@@ -4,7 +4,6 @@ records gives well-typed records or one of our `EdgeError`s, and touches no file
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 
 from edge_runtime.core.errors import EdgeError
 from edge_runtime.state.outbox import Outbox, Record
-from tests.fuzzing import mutate, outcome
+from tests.fuzzing import mutate, outcome, scratch_root
 
 OUTBOX_SETTINGS = settings(max_examples=120, deadline=timedelta(seconds=2))
 
@@ -48,15 +47,10 @@ def rows(draw: st.DrawFn) -> tuple[Any, Any, Any, Any]:
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A folder for the per-example outbox folders: in RAM when the machine has /dev/shm, as each
-    outbox commit is an fsync (synchronous=FULL) that would make a few hundred examples take minutes."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        folder = Path(tempfile.mkdtemp(prefix="fuzz-outbox-", dir=shm))
-        yield folder
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        yield tmp_path_factory.mktemp("fuzz-outbox")
+    """A folder for the per-example outbox folders (in RAM when possible: each commit is an fsync)."""
+    folder = scratch_root(tmp_path_factory.mktemp("fuzz-outbox"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
