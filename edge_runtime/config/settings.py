@@ -6,6 +6,7 @@ Relative paths are resolved against the folder of the configuration file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
@@ -170,10 +171,9 @@ def _check(settings: Settings, source: str) -> None:
 
 def _check_stream_tensor(binding: StreamBinding, where: str) -> None:
     """A stream's dtype is a numeric numpy dtype and its shape has non-negative dims and at most one -1."""
-    try:
+    kind: str = ""
+    with contextlib.suppress(TypeError, ValueError, SyntaxError):  # numpy's dtype parser raises any of these
         kind = np.dtype(binding.dtype).kind
-    except (TypeError, ValueError, SyntaxError):  # numpy parses dtype strings and raises any of these
-        kind = ""
     if kind not in ("b", "i", "u", "f"):
         raise UsageError(
             f"{where}: dtype '{binding.dtype}' is not a numeric numpy dtype name (float32, int64, uint8, bool ...)"
