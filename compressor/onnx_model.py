@@ -258,7 +258,7 @@ def reshapes_to_flatten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         source = shapes.get(node.input[0])
         if len(target) != 2 or target[0] != -1 or not source or len(source) < 2 or None in source[1:]:
             continue
-        if int(np.prod(source[1:])) != target[1]:
+        if int(np.prod([int(dim) for dim in source[1:] if dim is not None])) != target[1]:
             continue
         node.op_type = "Flatten"
         del node.input[1:]

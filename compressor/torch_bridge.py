@@ -172,7 +172,7 @@ def stack_inputs(samples: Samples, names: Sequence[str]) -> list[np.ndarray]:
 def output_layers(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> list[torch.nn.Module]:
     """The Conv/Linear layers that produce the model's outputs (their width must not change)."""
     torch = require_torch("structured pruning")
-    order: list[torch.nn.Module] = []
+    order: list[Any] = []  # of torch.nn.Module: the local `torch` shadows the typing-only import
     hooks = [
         m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
         for m in module.modules()

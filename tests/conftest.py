@@ -1,15 +1,20 @@
-"""Shared fixtures: signing keys, the device profile, and a factory for small signed MLP bundles."""
+"""Shared fixtures: signing keys, the device profile, a factory for small signed MLP bundles; in CI
+(`CI=true`) every skip is reported as a failure."""
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from edge_runtime.artifact import signing
 from edge_runtime.artifact.bundle import write_bundle
@@ -27,6 +32,66 @@ from tests.mlp_models import (
 )
 
 TFLITE_HINT = "pip install ai-edge-litert==2.3.0"
+
+# Property tests: each sets its own max_examples and deadline; the profile sets how they run.
+# "ci" is reproducible (fixed seed, no example database) and prints the blob that replays a failure.
+hypothesis_settings.register_profile(
+    "ci", derandomize=True, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.register_profile("dev", print_blob=True)
+hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
+)
+
+
+def in_ci() -> bool:
+    """Whether this run is CI (`CI=true`), where a skip is a failure."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def _as_ci_failure(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Turn a skipped report into a failed one that says what was skipped and why."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped in CI (CI=true makes every skip a failure): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """In CI, a test skipped by `pytest.skip`, `importorskip` or a skip marker fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        _as_ci_failure(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, Any, None]:
+    """In CI, a module skipped at import (`allow_module_level=True`, module-level importorskip) fails."""
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and report.skipped:
+        _as_ci_failure(report)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI, a skip that slipped past the hooks above still fails the run."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if in_ci() and skipped and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def require_module(module: str, extra: str, env: str = "EDGE_REQUIRE_EXTRAS") -> ModuleType:
+    """Import an optional module; skip when it is missing, or fail when `env`=1 (CI)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        message = f"{module} is not installed ({extra}): {exc}"
+        if os.environ.get(env) == "1":
+            pytest.fail(f"{message}; {env}=1 makes this a failure", pytrace=False)
+        pytest.skip(message)
 
 
 def require_tflite() -> None:
@@ -137,3 +202,23 @@ def mlp_bundle_factory(tmp_path: Path, signing_keys: Keys, device_profile: Devic
         return path
 
     return factory
+
+
+FIXED_LATENCY_MS = 1.0
+"""The latency every session gets under `fixed_latency`: every ratio is then exactly 1.0."""
+
+
+@pytest.fixture
+def fixed_latency(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replace the compressor's latency measurement with equal, fixed timings, so a test's outcome never
+    depends on how loaded the machine is (the decision logic has its own tests with injected timings)."""
+
+    def equal_timings(
+        sessions: Mapping[str, Any], feed: Mapping[str, np.ndarray], **_: Any
+    ) -> dict[str, float]:
+        for session in sessions.values():  # still run each once: a session that cannot run must fail
+            session.run(None, dict(feed))
+        return dict.fromkeys(sessions, FIXED_LATENCY_MS)
+
+    monkeypatch.setattr("compressor.pipeline.compare_latency", equal_timings)
+    monkeypatch.setattr("compressor.passes.quantize.compare_latency", equal_timings)

@@ -12,6 +12,9 @@ from click.testing import CliRunner
 from edge_runtime.cli import cli
 from tests.test_int8 import small_cnn
 
+# Latency is measured but must not decide these outcomes: equal fixed timings (see conftest).
+pytestmark = pytest.mark.usefixtures("fixed_latency")
+
 
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:

@@ -18,6 +18,9 @@ from compressor.pipeline import compress
 from edge_runtime.config.profiles import load_profile
 from edge_runtime.core.errors import ModelError
 
+# Latency is measured but must not decide these outcomes: equal fixed timings (see conftest).
+pytestmark = pytest.mark.usefixtures("fixed_latency")
+
 
 def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value.astype(np.float32)))
@@ -76,7 +79,19 @@ def test_preprocess_moves_constants_upgrades_opset_and_folds_batchnorm(tmp_path:
     ops = [node.op_type for node in prepared.graph.node]
     assert "Constant" not in ops and "BatchNormalization" not in ops
     assert next(o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")) >= 13
-    assert {"w1", "w2", "w3"} <= {init.name for init in prepared.graph.initializer} | {"w1"}
+    weights = {init.name: numpy_helper.to_array(init) for init in prepared.graph.initializer}
+    compute = [node for node in prepared.graph.node if node.op_type in ("Conv", "Gemm")]
+    assert [node.op_type for node in compute] == ["Conv", "Conv", "Gemm"]
+    assert all(node.input[1] in weights for node in compute), "every weight must be an initializer"
+    assert compute[1].input[1] == "w2" and compute[2].input[1:] == ["w3", "b3"]
+    # conv1 carries w1 and b1 folded with the batch norm: y = (conv(x, w1) + b1 - mean) * s + bias
+    const = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if not n.input}
+    scale = const["bn_scale"] / np.sqrt(const["bn_var"] + 1e-5)
+    np.testing.assert_allclose(
+        weights[compute[0].input[1]], const["w1"] * scale[:, None, None, None], rtol=1e-5
+    )
+    folded_bias = (const["b1"] - const["bn_mean"]) * scale + const["bn_bias"]
+    np.testing.assert_allclose(weights[compute[0].input[2]], folded_bias, rtol=1e-5, atol=1e-6)
     assert any("Constant" in note for note in notes) and any(
         "opset upgraded from 11" in note for note in notes
     )

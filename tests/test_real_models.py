@@ -17,7 +17,8 @@ from edge_runtime.cli import cli
 from edge_runtime.config.profiles import load_profile
 from tools.zoo import detection_dataset, ppocr_model, text_direction_dataset
 
-pytestmark = pytest.mark.slow
+# Latency is measured but must not decide these outcomes: equal fixed timings (see conftest).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fixed_latency")]
 
 
 def _int8_share(model: onnx.ModelProto) -> float:

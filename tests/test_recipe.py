@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from edge_runtime.cli import cli
 from edge_runtime.config.profiles import load_profile, parse_profile
 
-pytestmark = pytest.mark.slow
+# Latency is measured but must not decide these outcomes: equal fixed timings (see conftest).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fixed_latency")]
 PROFILES = Path(__file__).resolve().parent.parent / "device_profiles"
 
 

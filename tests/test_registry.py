@@ -11,6 +11,7 @@ import pytest
 from edge_runtime.core.errors import ModelError, NotFoundError, UnavailableError
 from edge_runtime.serving.registry import ModelRegistry
 from edge_runtime.state.store import ModelStore
+from tests.broker import eventually
 from tests.conftest import require_tflite
 from tests.mlp_models import INPUT_NAME, OUTPUT_NAME, make_weights, reference_forward
 
@@ -87,7 +88,13 @@ def test_bundle_tampered_in_the_store_is_refused_at_load(store, registry, mlp_bu
     assert predict(registry, "good", x_batch()).shape == (2, 10)
 
 
-def test_swap_keeps_serving_and_a_failing_new_version_leaves_the_old_one(store, registry, mlp_bundle_factory):
+SERVED_DURING_SWAP = 20
+"""Requests a swap waits to see served (between loading the new version and installing it)."""
+
+
+def test_swap_keeps_serving_and_a_failing_new_version_leaves_the_old_one(
+    store, registry, mlp_bundle_factory, monkeypatch
+):
     install_active(store, mlp_bundle_factory("mlp", "1", seed=1))
     registry.load_all(store)
     store.install(mlp_bundle_factory("mlp", "2", seed=2))
@@ -95,34 +102,59 @@ def test_swap_keeps_serving_and_a_failing_new_version_leaves_the_old_one(store, 
         mlp_bundle_factory("mlp", "3", seed=3, golden_outputs=lambda x: np.zeros((len(x), 10), np.float32))
     )
     x = x_batch(1)
+    expected = {v: reference_forward(make_weights(seed=int(v)), x) for v in ("1", "2")}
     stop = threading.Event()
     errors: list[BaseException] = []
-    answers: list[str] = []
+    answers: list[str] = []  # the version that answered each request, in order
 
     def client() -> None:
         while not stop.is_set():
             try:
                 model = registry.get("mlp")
-                model.predict({INPUT_NAME: x})
+                out = model.predict({INPUT_NAME: x})[OUTPUT_NAME]
+                np.testing.assert_allclose(out, expected[model.version], atol=1e-5)
                 answers.append(model.version)
             except BaseException as exc:  # any failure during the swap is a serving gap
                 errors.append(exc)
 
+    real_load = registry.load
+
+    def load_while_serving(bundle):
+        """Load the new version, then hold the swap open until requests were served meanwhile."""
+        entered = len(answers)
+        loaded = real_load(bundle)
+        eventually(lambda: len(answers) >= entered + SERVED_DURING_SWAP or bool(errors), what="requests")
+        return loaded
+
+    monkeypatch.setattr(registry, "load", load_while_serving)
+
+    def swap(version: str) -> list[str]:
+        """Swap to `version` under load; the versions that answered while the swap ran."""
+        before = len(answers)
+        registry.swap("mlp", store.open("mlp", version))
+        return answers[before : len(answers)]
+
     thread = threading.Thread(target=client)
     thread.start()
     try:
-        registry.swap("mlp", store.open("mlp", "2"))
+        eventually(lambda: len(answers) >= 1 or bool(errors), what="first answer")
+        during_good = swap("2")
+        eventually(lambda: answers[-1:] == ["2"] or bool(errors), what="an answer from version 2")
         with pytest.raises(ModelError, match="self-test failed"):
-            registry.swap("mlp", store.open("mlp", "3"))
+            swap("3")
+        after_bad = len(answers)
+        eventually(lambda: len(answers) >= after_bad + 5 or bool(errors), what="answers after the refusal")
     finally:
         stop.set()
         thread.join()
     assert errors == []
+    assert len(during_good) >= SERVED_DURING_SWAP and during_good[0] == "1"
+    assert set(during_good) <= {"1", "2"}, "only the old or the new version may answer during the swap"
+    switch = answers.index("2")
+    assert set(answers[:switch]) == {"1"} and set(answers[switch:]) == {"2"}, "the version changed once"
+    assert set(answers[after_bad:]) == {"2"}, "a refused version never serves"
     assert registry.get("mlp").version == "2"
-    np.testing.assert_allclose(
-        predict(registry, "mlp", x), reference_forward(make_weights(seed=2), x), atol=1e-5
-    )
-    assert set(answers) <= {"1", "2"}
+    np.testing.assert_allclose(predict(registry, "mlp", x), expected["2"], atol=1e-5)
 
 
 def test_load_all_after_activate_picks_up_the_new_version(store, registry, mlp_bundle_factory):

@@ -24,6 +24,7 @@ from compressor.tflite_export import (
 )
 from edge_runtime.config.profiles import load_profile
 from edge_runtime.core.errors import CompressionError
+from tests.conftest import require_module
 
 PROFILE = load_profile("raspberry-pi-zero-2w")
 
@@ -81,8 +82,7 @@ def digits() -> Any:
 @pytest.fixture(scope="module")
 def digits_cnn(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
     """The digits CNN teacher when torch is there to train it; else the residual CNN stands in."""
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("training the digits CNN needs torch (distill extra)")
+    require_module("torch", "distill extra: training the digits CNN needs torch")
     from compressor.teachers import digits_teacher
 
     return digits_teacher(tmp_path_factory.getbasetemp() / "digits_cnn_seed0_e12.onnx", epochs=12)

@@ -19,6 +19,7 @@ from edge_runtime.codecs.v2 import (
 )
 from edge_runtime.core.errors import RequestError
 from edge_runtime.core.types import InferRequest, InferResponse
+from tests.conftest import require_module
 
 
 @pytest.fixture(autouse=True, params=["orjson", "stdlib"])
@@ -27,7 +28,7 @@ def json_library(request, monkeypatch):
     if request.param == "stdlib":
         monkeypatch.setattr(v2, "orjson", None)
     elif v2.orjson is None:
-        pytest.skip("orjson is not installed")
+        require_module("orjson", "fast extra: orjson>=3.9")
     return request.param
 
 

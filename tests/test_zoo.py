@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from compressor.demo_model import INPUT_NAME, OUTPUT_NAME, train_digits_model
+from tests.conftest import require_module
 from tools import zoo
 
 CLS_MIN_ACCURACY = 0.95
@@ -87,10 +88,11 @@ def test_ctc_greedy_decode_merges_repeats_and_drops_blanks() -> None:
 
 
 def test_preprocessing_matches_rapidocr_within_one_grey_level() -> None:
-    cv2 = pytest.importorskip("cv2")
-    text_cls = pytest.importorskip("rapidocr_onnxruntime.ch_ppocr_cls.text_cls")
-    text_rec = pytest.importorskip("rapidocr_onnxruntime.ch_ppocr_rec.text_recognize")
-    det_utils = pytest.importorskip("rapidocr_onnxruntime.ch_ppocr_det.utils")
+    extra = "test extra: rapidocr-onnxruntime==1.4.4"
+    cv2 = require_module("cv2", extra)
+    text_cls = require_module("rapidocr_onnxruntime.ch_ppocr_cls.text_cls", extra)
+    text_rec = require_module("rapidocr_onnxruntime.ch_ppocr_rec.text_recognize", extra)
+    det_utils = require_module("rapidocr_onnxruntime.ch_ppocr_det.utils", extra)
     one_level = 2 / 255 + 1e-6
     rng = np.random.default_rng(0)
     for _ in range(10):

@@ -121,8 +121,9 @@ def derive_student(
 def _reinit(module: torch.nn.Module) -> None:
     """Reset every layer that knows how to (fresh random weights, same shapes)."""
     for sub in module.modules():
-        if sub is not module and hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
+        reset = getattr(sub, "reset_parameters", None)
+        if sub is not module and callable(reset):
+            reset()
 
 
 def _as_list(outputs: Any) -> list[torch.Tensor]:

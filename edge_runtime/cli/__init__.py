@@ -52,6 +52,13 @@ class LazyGroup(click.Group):
         command.short_help = command.short_help or short_help
         return command
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List the commands from COMMANDS' one-line help, importing none of them (so `--help`
+        works without the compressor's dependencies and never loads onnx)."""
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

@@ -44,10 +44,12 @@ def serve(
         settings = dataclasses.replace(settings, store=str(store.resolve()))
     if http_port is not None:
         settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, port=http_port))
-    mqtt_overrides = {"host": mqtt_host, "port": mqtt_port}
-    mqtt_overrides = {key: value for key, value in mqtt_overrides.items() if value is not None}
-    if mqtt_overrides:
-        settings = dataclasses.replace(settings, mqtt=dataclasses.replace(settings.mqtt, **mqtt_overrides))
+    mqtt = settings.mqtt
+    if mqtt_host is not None:
+        mqtt = dataclasses.replace(mqtt, host=mqtt_host)
+    if mqtt_port is not None:
+        mqtt = dataclasses.replace(mqtt, port=mqtt_port)
+    settings = dataclasses.replace(settings, mqtt=mqtt)
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

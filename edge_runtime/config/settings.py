@@ -6,6 +6,7 @@ Relative paths are resolved against the folder of the configuration file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
@@ -182,6 +183,13 @@ def _check(settings: Settings, source: str) -> None:
         if value <= 0:
             raise UsageError(f"{source}: {key} must be positive, got {value}")
     settings.http.check(source)
+    if settings.mqtt.keepalive > 65535:  # a 16-bit field in the MQTT CONNECT packet
+        raise UsageError(f"{source}: mqtt.keepalive must be at most 65535 s, got {settings.mqtt.keepalive}")
+    if settings.mqtt.reconnect_max_s < settings.mqtt.reconnect_min_s:
+        raise UsageError(
+            f"{source}: mqtt.reconnect_max_s ({settings.mqtt.reconnect_max_s}) is below "
+            f"mqtt.reconnect_min_s ({settings.mqtt.reconnect_min_s})"
+        )
     for index, binding in enumerate(settings.streams):
         where = f"{source}: streams[{index}]"
         try:
@@ -189,14 +197,22 @@ def _check(settings: Settings, source: str) -> None:
             check_topic(binding.output_topic.replace("{device}", settings.device_id))
         except UsageError as exc:
             raise UsageError(f"{where}: {exc}") from None
-        try:
-            np.dtype(binding.dtype)
-        except TypeError:
-            raise UsageError(
-                f"{where}: dtype '{binding.dtype}' is not a numpy dtype name (float32, int64, ...)"
-            ) from None
+        _check_stream_tensor(binding, where)
         if binding.qos not in (0, 1, 2):
             raise UsageError(f"{where}: qos must be 0, 1 or 2, got {binding.qos}")
+
+
+def _check_stream_tensor(binding: StreamBinding, where: str) -> None:
+    """A stream's dtype is a numeric numpy dtype and its shape has non-negative dims and at most one -1."""
+    kind: str = ""
+    with contextlib.suppress(TypeError, ValueError, SyntaxError):  # numpy's dtype parser raises any of these
+        kind = np.dtype(binding.dtype).kind
+    if kind not in ("b", "i", "u", "f"):
+        raise UsageError(
+            f"{where}: dtype '{binding.dtype}' is not a numeric numpy dtype name (float32, int64, uint8, bool ...)"
+        )
+    if any(dim < -1 for dim in binding.shape) or binding.shape.count(-1) > 1:
+        raise UsageError(f"{where}: shape {list(binding.shape)} may hold sizes >= 0 and at most one -1")
 
 
 def _resolve(settings: Settings, base: Path) -> Settings:
@@ -235,4 +251,6 @@ def load_settings(path: Path) -> Settings:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read settings {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"settings {path} are not UTF-8 text: {exc}") from exc
     return parse_settings(text, str(path), path.resolve().parent)

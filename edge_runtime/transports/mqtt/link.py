@@ -219,7 +219,8 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_socket_open = _no_delay
-        client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+        # paho annotates the delays as int, but its backoff arithmetic works in float seconds.
+        client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)  # type: ignore[arg-type]
         client.max_inflight_messages_set(64)
         if self.settings.username:
             client.username_pw_set(self.settings.username, self.settings.password or None)
@@ -249,7 +250,7 @@ class MqttLink:
         props = message.properties if self.protocol is MqttProtocol.V5 else None
         incoming = Incoming(
             topic=message.topic,
-            payload=message.payload,
+            payload=bytes(message.payload),  # paho types it bytes | bytearray; bytes(bytes) is no copy
             qos=message.qos,
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
