@@ -145,9 +145,9 @@ def check_profile(bin_dir: Path, cwd: Path) -> None:
         raise CheckFailed(f"edgectl profiles x86-vnni-gateway printed:\n{shown}")
 
 
-def make_store(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
-    """A signed MLP bundle installed by hand into a store under `folder`, built in this (workstation)
-    env; the public key's path, one input and the output the model must give for it."""
+def make_bundle(folder: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """A signed MLP bundle built in this (workstation) env: its path, the public key's path, one input
+    and the output the model must give for it."""
     from edge_runtime.artifact import signing
     from edge_runtime.artifact.bundle import write_bundle
     from edge_runtime.artifact.golden import GoldenCase, pack_golden
@@ -173,14 +173,10 @@ def make_store(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
         session_config={},
         report={"profile": load_profile("x86-vnni-gateway").to_dict()},
     )
-    slot = folder / "store" / MODEL / VERSION
-    slot.mkdir(parents=True)
+    bundle = folder / f"{MODEL}.edgebundle"
     members = {"model.onnx": build_onnx_mlp(weights), "golden.npz": pack_golden(golden)}
-    write_bundle(slot / "bundle.edgebundle", manifest, members, signing.load_private_key(private_path))
-    # By hand until `edgectl store install` lands; then: edgectl store install BUNDLE --store DIR.
-    state = {"v": 1, "active": VERSION, "previous": None}
-    (folder / "store" / MODEL / "state.json").write_text(json.dumps(state))
-    return public_path, x, reference_forward(weights, x)
+    write_bundle(bundle, manifest, members, signing.load_private_key(private_path))
+    return bundle, public_path, x, reference_forward(weights, x)
 
 
 def free_port() -> int:
@@ -216,8 +212,14 @@ def wait_ready(base: str, daemon: subprocess.Popen[bytes], log: Path, timeout: f
 
 
 def check_serve(bin_dir: Path, folder: Path) -> None:
-    """`edgectl serve --config` from the venv answers one v2 inference request with the right output."""
-    public_key, x, expected = make_store(folder)
+    """`edgectl store install` then `edgectl serve --config`, from the venv, answer one v2 request right."""
+    bundle, public_key, x, expected = make_bundle(folder)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    install = [str(bin_dir / "edgectl"), "store", "install", str(bundle), "--store", str(folder / "store"),
+               "--key", str(public_key), "--create", "--activate"]  # fmt: skip
+    done = subprocess.run(install, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise CheckFailed(f"edgectl store install exited {done.returncode}: {done.stderr.strip()}")
     port = free_port()
     config = folder / "device.toml"
     config.write_text(
@@ -225,7 +227,6 @@ def check_serve(bin_dir: Path, folder: Path) -> None:
         f'public_key = "{public_key.name}"\n\n[http]\nport = {port}\n\n[mqtt]\nenabled = false\n'
     )
     log = folder / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     with log.open("wb") as sink:
         daemon = subprocess.Popen(
             [str(bin_dir / "edgectl"), "serve", "--config", str(config)],
