@@ -1,9 +1,10 @@
-"""What happens to a received message after paho hands it over (no paho here).
+"""What happens to a received message after paho hands it over, and which acks matter (no paho here).
 
 `Dispatcher.dispatch` is called on paho's network thread and never blocks or publishes: the
 message goes on the work queue (bounded in count and in bytes) for a worker thread, or, when it
 does not fit or is over its route's size limit, on a small refusal queue answered by the replier
-thread; when even that is full, the refusal is dropped and counted.
+thread; when even that is full, the refusal is dropped and counted. `AckBook` tells the acks of
+QoS 1 publishes (which listeners want) from paho's "sent" reports of QoS 0 ones.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
 
-__all__ = ["Dispatcher", "Incoming", "Refusal", "Refused", "Route", "WorkQueue"]
+__all__ = ["AckBook", "Dispatcher", "Incoming", "Refusal", "Refused", "Route", "WorkQueue"]
 
 log = logging.getLogger(__name__)
 
@@ -249,3 +250,37 @@ class Dispatcher:
             route.on_refused(refused)
         except Exception:
             log.exception("refusal handler for %s failed", route.filter)
+
+
+class AckBook:
+    """The message ids of QoS > 0 publishes not acknowledged yet; a leaf lock, never held calling paho."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wanted: set[int] = set()
+        self._publishing = 0  # QoS > 0 publish calls whose message id is not known yet
+
+    def begin(self) -> None:
+        """A QoS > 0 publish call starts (its ack may arrive before it returns)."""
+        with self._lock:
+            self._publishing += 1
+
+    def end(self, mid: int | None) -> None:
+        """That publish call returned message id `mid` (None: it failed)."""
+        with self._lock:
+            self._publishing -= 1
+            if mid is not None:
+                self._wanted.add(mid)
+
+    def acked(self, mid: int) -> bool:
+        """True if `mid` is an ack listeners want (paho reports QoS 0 publishes as sent too)."""
+        with self._lock:
+            if mid in self._wanted:
+                self._wanted.discard(mid)
+                return True
+            return self._publishing > 0  # an ack racing its own publish call is passed on
+
+    def clear(self) -> None:
+        """Forget every id (the client was replaced: its ids are void)."""
+        with self._lock:
+            self._wanted.clear()

@@ -21,14 +21,12 @@ growing instead of flapping. MQTT 5 first, falling back to 3.1.1 if the broker r
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import paho.mqtt.client as paho
@@ -40,6 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_runtime.config.settings import MqttProtocol, MqttSettings
 from edge_runtime.core.errors import UsageError
 from edge_runtime.transports.mqtt.dispatch import (
+    AckBook,
     Dispatcher,
     Handler,
     Incoming,
@@ -49,6 +48,7 @@ from edge_runtime.transports.mqtt.dispatch import (
     Route,
 )
 from edge_runtime.transports.mqtt.retry import Backoff, DropWatch
+from edge_runtime.transports.mqtt.session import Session, Will
 
 __all__ = ["Incoming", "MqttLink", "Refusal", "Refused", "Will"]
 
@@ -56,41 +56,7 @@ log = logging.getLogger(__name__)
 
 _UNSUPPORTED_PROTOCOL = 132
 """CONNACK reason "Unsupported Protocol Version" (paho maps a 3.1.1 broker's refusal to it)."""
-_LOOP_S = 0.25
-"""Longest wait in paho's select: the network loop beats at least this often."""
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class Will:
-    """A retained message: published on connect (`online`) and registered as last will (`offline`)."""
-
-    topic: str
-    online: bytes
-    offline: bytes
-    qos: int = 1
-
-
-@dataclass(eq=False)
-class _Session:
-    """One paho client and the thread that runs its network loop."""
-
-    number: int
-    protocol: MqttProtocol
-    client: paho.Client
-    thread: threading.Thread | None = None
-    retired: threading.Event = field(default_factory=threading.Event)
-    beat: float = field(default_factory=time.monotonic)
-    """When the network loop last made progress."""
-    looping: bool = False
-    connected_at: float | None = None
-    refused: str | None = None
-    """Why the broker refused the CONNECT, if it did."""
-    downgrade: bool = False
-    dropped: ReasonCode | None = None
-    ping_sent: float | None = None
-    """When the oldest PINGREQ not answered yet went out."""
-    subscribe_mid: int | None = None
 
 
 def _no_delay(sock: object) -> None:
@@ -115,9 +81,7 @@ class MqttLink:
         """The last (nominal, drawn) reconnect delays in seconds, newest last."""
         self.dispatcher = Dispatcher(settings.workers, settings.queue_size, settings.queue_bytes)
         self._ack_listeners: list[Callable[[int, bool], None]] = []
-        self._ack_lock = threading.Lock()  # a leaf lock: never held while calling paho
-        self._ack_wanted: set[int] = set()  # message ids of QoS > 0 publishes not acknowledged yet
-        self._ack_publishing = 0  # QoS > 0 publish calls whose message id is not in _ack_wanted yet
+        self._acks = AckBook()
         self._local = threading.local()
         self._connection_listeners: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
@@ -192,21 +156,11 @@ class MqttLink:
                 dead.append(thread.name)
         if dead:
             return f"thread {', '.join(dead)} died"
-        return self._stalled(session)
+        return session.stalled(self.settings.keepalive * 1.5)
 
     def healthy(self) -> bool:
         """True while every thread of the link runs and the network loop makes progress (for a watchdog)."""
         return self.problem() is None
-
-    def _stalled(self, session: _Session) -> str | None:
-        limit = self.settings.keepalive * 1.5
-        now = time.monotonic()
-        if session.looping and now - session.beat > limit:
-            return f"the network loop made no progress for {now - session.beat:.1f} s"
-        ping = session.ping_sent
-        if ping is not None and now - ping > limit:
-            return f"no PINGRESP for {now - ping:.1f} s"
-        return None
 
     def stats(self) -> dict[str, Any]:
         """Link facts for telemetry (request counts live in the dataplane's metrics)."""
@@ -265,8 +219,7 @@ class MqttLink:
         client = self._session.client
         properties = self._properties(qos, correlation_data, response_topic)
         if qos > 0:
-            with self._ack_lock:
-                self._ack_publishing += 1
+            self._acks.begin()
         info = None
         try:
             info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
@@ -274,10 +227,7 @@ class MqttLink:
             raise UsageError(f"cannot publish to '{topic}': {exc}") from exc
         finally:
             if qos > 0:
-                with self._ack_lock:
-                    self._ack_publishing -= 1
-                    if info is not None:
-                        self._ack_wanted.add(info.mid)
+                self._acks.end(info.mid if info is not None else None)
         if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN) and (
             qos > 0 or info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         ):
@@ -332,10 +282,10 @@ class MqttLink:
         self._connected.clear()
 
     # -- sessions (one paho client each) ----------------------------------------------------
-    def _new_session(self, number: int, protocol: MqttProtocol) -> _Session:
+    def _new_session(self, number: int, protocol: MqttProtocol) -> Session:
         version = MQTTProtocolVersion.MQTTv5 if protocol is MqttProtocol.V5 else MQTTProtocolVersion.MQTTv311
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=version)
-        session = _Session(number, protocol, client)
+        session = Session(number, protocol, client)
         client.suppress_exceptions = True  # ours are guarded anyway; paho's own then only log
         client.on_connect = self._guard(functools.partial(self._on_connect, session))
         client.on_disconnect = self._guard(functools.partial(self._on_disconnect, session))
@@ -353,31 +303,26 @@ class MqttLink:
             self._attach(session, index)
         return session
 
-    def _run_session(self, session: _Session) -> None:
+    def _run_session(self, session: Session) -> None:
         session.thread = threading.Thread(
             target=self._network, args=(session,), name=f"mqtt-net-{session.number}", daemon=True
         )
         session.thread.start()
 
-    def _replace(self, session: _Session, protocol: MqttProtocol, why: str) -> None:
+    def _replace(self, session: Session, protocol: MqttProtocol, why: str) -> None:
         """Retire `session` and start a new client (same subscriptions); the old thread is not joined."""
         with self._swap:
             if session is not self._session or self._stopping.is_set():
                 return
-            session.retired.set()
             fresh = self._new_session(session.number + 1, protocol)
-            with self._ack_lock:
-                self._ack_wanted.clear()
+            self._acks.clear()
             self._session = fresh
+            session.wake()
         self._lost(session)
-        sock = session.client.socket()
-        if isinstance(sock, socket.socket):  # wake a blocked old loop; never close an fd it may use
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
         log.info("new MQTT client %d (%s)", fresh.number, why)
         self._run_session(fresh)
 
-    def _lost(self, session: _Session) -> None:
+    def _lost(self, session: Session) -> None:
         """The connection of `session` is gone: say so once."""
         if session.connected_at is None or not self._connected.is_set():
             return
@@ -386,12 +331,12 @@ class MqttLink:
             self._call_listener(listener, False)
 
     # -- the network thread ------------------------------------------------------------------
-    def _network(self, session: _Session) -> None:
+    def _network(self, session: Session) -> None:
         """Connect, run paho's loop until the connection ends, back off, again; until retired."""
         while not (session.retired.is_set() or self._stopping.is_set()):
-            failure = self._open(session)
+            failure = session.open(self.settings.host, self.settings.port, self.settings.keepalive)
             if failure is None:
-                self._pump(session)
+                session.pump()
                 failure = self._ended(session)
             if session.retired.is_set() or self._stopping.is_set():
                 return
@@ -401,36 +346,7 @@ class MqttLink:
                 return
             self._wait_retry(session, failure)
 
-    def _open(self, session: _Session) -> str | None:
-        """Open the TCP connection and send CONNECT; None, or why it failed."""
-        host, port = self.settings.host, self.settings.port
-        session.beat, session.refused, session.dropped = time.monotonic(), None, None
-        session.connected_at = session.ping_sent = None
-        try:
-            session.client.connect(host, port, keepalive=self.settings.keepalive)
-        except socket.gaierror as exc:
-            return f"cannot resolve MQTT broker host '{host}': {exc.strerror or exc}"
-        except (OSError, ValueError) as exc:
-            return f"cannot connect to MQTT broker {host}:{port}: {exc}"
-        return None
-
-    def _pump(self, session: _Session) -> None:
-        """Run paho's loop until the connection ends; a failure inside paho ends it, never the thread."""
-        session.looping = True
-        try:
-            while not session.retired.is_set():
-                session.beat = time.monotonic()
-                try:
-                    rc = session.client.loop(_LOOP_S)
-                except Exception as exc:  # hostile bytes can make paho itself raise
-                    log.warning("MQTT network loop failed (%s: %s); reconnecting", type(exc).__name__, exc)
-                    break
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-        finally:
-            session.looping = False
-
-    def _ended(self, session: _Session) -> str:
+    def _ended(self, session: Session) -> str:
         """After a connection ended: what to log (and an ERROR when another client has our id)."""
         if session is self._session:
             self._lost(session)
@@ -448,19 +364,13 @@ class MqttLink:
         said = str(reason) if reason is not None else "connection lost"
         return f"disconnected from MQTT broker after {uptime:.1f} s ({said})"
 
-    def _wait_retry(self, session: _Session, failure: str) -> None:
+    def _wait_retry(self, session: Session, failure: str) -> None:
         nominal = self._backoff.nominal
         delay = self._backoff.draw()
         self.retry_delays = [*self.retry_delays[-31:], (nominal, delay)]
         at = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
         log.warning("%s; next attempt in %.1f s (at %s)", failure, delay, at)
-        deadline = time.monotonic() + delay
-        while not session.retired.is_set() and not self._stopping.is_set():
-            session.beat = time.monotonic()
-            left = deadline - session.beat
-            if left <= 0:
-                return
-            session.retired.wait(min(left, 1.0))
+        session.sleep(delay, self._stopping)
 
     # -- paho callbacks (network thread; guarded, they only note or queue) --------------------
     def _guard(self, callback: F) -> F:
@@ -478,7 +388,7 @@ class MqttLink:
 
         return guarded  # type: ignore[return-value]
 
-    def _attach(self, session: _Session, index: int) -> None:
+    def _attach(self, session: Session, index: int) -> None:
         def enqueue(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
             if session.retired.is_set():
                 return
@@ -495,7 +405,7 @@ class MqttLink:
         session.client.message_callback_add(self.dispatcher.routes[index].filter, self._guard(enqueue))
 
     def _on_connect(
-        self, session: _Session, client: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object
+        self, session: Session, client: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object
     ) -> None:
         if session.retired.is_set():
             return
@@ -519,7 +429,7 @@ class MqttLink:
             client.publish(self.presence.topic, self.presence.online, qos=self.presence.qos, retain=True)
 
     def _on_subscribe(
-        self, session: _Session, _c: paho.Client, _u: object, mid: int, reasons: list[ReasonCode], _p: object
+        self, session: Session, _c: paho.Client, _u: object, mid: int, reasons: list[ReasonCode], _p: object
     ) -> None:
         if mid != session.subscribe_mid or session.retired.is_set():
             return
@@ -536,7 +446,7 @@ class MqttLink:
             self._call_listener(listener, True)
 
     def _on_disconnect(
-        self, session: _Session, _c: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object
+        self, session: Session, _c: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object
     ) -> None:
         if session.dropped is None:  # the broker's own reason comes first; then paho's "connection lost"
             session.dropped = reason
@@ -545,20 +455,17 @@ class MqttLink:
             self._lost(session)
 
     def _on_publish(
-        self, session: _Session, _c: paho.Client, _u: object, mid: int, reason: ReasonCode, _p: object
+        self, session: Session, _c: paho.Client, _u: object, mid: int, reason: ReasonCode, _p: object
     ) -> None:
         if session is not self._session:
             return
-        with self._ack_lock:  # paho reports QoS 0 publishes as sent too: those wake no listener
-            if mid in self._ack_wanted:
-                self._ack_wanted.discard(mid)
-            elif not self._ack_publishing:  # (an ack racing its own publish call is passed on)
-                return
+        if not self._acks.acked(mid):
+            return
         ok = not reason.is_failure
         for listener in self._ack_listeners:
             self._call_listener(listener, mid, ok)
 
-    def _on_log(self, session: _Session, _c: paho.Client, _u: object, _level: int, text: str) -> None:
+    def _on_log(self, session: Session, _c: paho.Client, _u: object, _level: int, text: str) -> None:
         if text == "Sending PINGREQ":
             session.ping_sent = session.ping_sent or time.monotonic()
         elif text == "Received PINGRESP":
@@ -582,7 +489,7 @@ class MqttLink:
             if thread is not None and not thread.is_alive():
                 why = f"MQTT network thread {thread.name} died"
             else:
-                why = self._stalled(session) or ""
+                why = session.stalled(self.settings.keepalive * 1.5) or ""
             if why and not self._stopping.is_set():
                 self.rebuilds += 1
                 log.warning("%s; rebuilding the MQTT connection (new client, same subscriptions)", why)
