@@ -76,9 +76,12 @@ class Broker:
             "max_queued_messages 100000",
             "log_type error",
             "log_type warning",
+            # Run as ourselves: as root, mosquitto switches to user "mosquitto", who can neither write
+            # its persistence file nor read a password file in pytest's private tmp folder.
+            f"user {getpass.getuser()}",
         ]
-        if users:  # (as root, mosquitto would switch to user "mosquitto", who cannot read pytest's tmp)
-            lines += [f"password_file {self._password_file(users)}", f"user {getpass.getuser()}"]
+        if users:
+            lines.append(f"password_file {self._password_file(users)}")
         self.config.write_text("\n".join(lines) + "\n")
 
     def _password_file(self, users: dict[str, str]) -> Path:

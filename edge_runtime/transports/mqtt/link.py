@@ -484,13 +484,19 @@ class MqttLink:
         """Replace the network thread's client when that thread died or stopped making progress."""
         period = min(1.0, self.settings.keepalive / 4)
         while not self._stopping.wait(period):
-            session = self._session
-            thread = session.thread
-            if thread is not None and not thread.is_alive():
-                why = f"MQTT network thread {thread.name} died"
-            else:
-                why = session.stalled(self.settings.keepalive * 1.5) or ""
-            if why and not self._stopping.is_set():
-                self.rebuilds += 1
-                log.warning("%s; rebuilding the MQTT connection (new client, same subscriptions)", why)
-                self._replace(session, session.protocol, why)
+            try:
+                self._check_network()
+            except Exception:  # the supervisor must outlive whatever it supervises
+                log.exception("MQTT supervisor check failed")
+
+    def _check_network(self) -> None:
+        session = self._session
+        thread = session.thread
+        if thread is not None and not thread.is_alive():
+            why = f"MQTT network thread {thread.name} died"
+        else:
+            why = session.stalled(self.settings.keepalive * 1.5) or ""
+        if why and not self._stopping.is_set():
+            self.rebuilds += 1
+            log.warning("%s; rebuilding the MQTT connection (new client, same subscriptions)", why)
+            self._replace(session, session.protocol, why)

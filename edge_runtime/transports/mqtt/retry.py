@@ -36,6 +36,11 @@ class Backoff:
         """Start again from `minimum` (after a connection that stayed up)."""
         self.attempt = 0
 
+    def longest(self) -> None:
+        """Wait `maximum` from now on (until `reset`): retrying sooner cannot help."""
+        while self.nominal < self.maximum:
+            self.attempt += 1
+
 
 class DropWatch:
     """Judges each ended connection: a takeover, a suspicious brief one, or an ordinary drop.
@@ -43,7 +48,8 @@ class DropWatch:
     Mosquitto closes the older of two connections with the same client id without saying why
     (MQTT 5 brokers such as EMQX and HiveMQ send reason 0x8E); either way the two clients would
     take the session from each other at the minimum delay forever. Only a connection that stayed
-    up for `stable_s` and was not taken over restarts the backoff, so such a pair backs off.
+    up for `stable_s` and was not taken over restarts the backoff, and once another client is
+    known (or suspected) to hold our id, the delay is the longest: such a pair backs off.
     """
 
     def __init__(self, backoff: Backoff, client_id: str, stable_s: float) -> None:
@@ -58,11 +64,13 @@ class DropWatch:
         """Note a connection that was up `uptime` s; an ERROR text when another client has our id."""
         if reason_code == SESSION_TAKEN_OVER:
             self.takeovers += 1
+            self.backoff.longest()
             return self._text("the broker says the session was taken over")
         if uptime < self.stable_s:
             self.brief += 1
             if self.brief >= BRIEF_DROPS:
                 self.takeovers += 1
+                self.backoff.longest()
                 return self._text(
                     f"the broker closed the connection soon after accepting it {self.brief} times in a row"
                 )
