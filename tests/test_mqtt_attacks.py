@@ -5,6 +5,7 @@ and nothing is published where the caller should not reach."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,4 +244,30 @@ def test_work_queue_is_bounded_in_bytes(rig: Rig, broker: Broker) -> None:
     stats = rig.service.stats()
     assert stats["shed"] == 7 and "requests" not in stats and "errors" not in stats
     assert rig.dataplane.metrics.snapshot()["shed"] == 7
+    probe.close()
+
+
+@pytest.mark.parametrize("json_library", ["orjson", "json"])
+def test_a_request_nested_too_deep_is_answered_400(
+    daemon: Daemon,
+    broker: Broker,
+    json_library: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 10.4, MQTT side: without orjson (a plain device install) this was a 503 with a traceback."""
+    if json_library == "json":
+        monkeypatch.setattr("edge_runtime.codecs.v2.orjson", None)
+    probe = Probe(broker)
+    probe.subscribe("deep/reply")
+    depth = 30_000  # (60 KB: under the 64 KiB limit; far beyond any parser's nesting limit)
+    payload = b'{"id": "deep", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": '
+    payload += b"[" * depth + b"]" * depth + b"}]}"
+    with caplog.at_level(logging.ERROR):
+        probe.publish(TOPICS.infer("mlp"), payload, response_topic="deep/reply", correlation_data=b"d")
+        (answer,) = probe.on("deep/reply")
+    assert _doc(answer)["status"] == 400, _doc(answer)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # a client error, not a bug
+    probe.publish(TOPICS.infer("mlp"), _request(), response_topic="deep/reply", correlation_data=b"ok")
+    assert "outputs" in _doc(probe.on("deep/reply", count=2)[-1])
     probe.close()

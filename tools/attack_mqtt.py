@@ -6,7 +6,7 @@ answered (status counts), replies leaked to a topic they must not reach, whether
 answers a good request afterwards, reconnects seen (presence ``online`` published again), and the
 daemon's RSS before/after (and its peak, VmHWM).
 
-    python tools/attack_mqtt.py [--root DIR] [--big 60] [--big-mb 14] [--burst 300] [--wait 20]
+    python tools/attack_mqtt.py [--root DIR] [--big 60] [--big-mb 14] [--burst 1000] [--wait 20]
 
 ``--root`` runs the daemon from another source tree (e.g. an older checkout) with the same cases.
 """
@@ -166,7 +166,7 @@ def start_daemon(work: Path, mqtt_port: int, root: Path, name: str = "daemon") -
     config = work / f"{name}.toml"
     config.write_text(
         f'device_id = "{DEVICE}"\nprofile = "x86-vnni-gateway"\nstore = "{store}"\npublic_key = "{public_key}"\n'
-        f"[http]\nport = {http_port}\n[mqtt]\nport = {mqtt_port}\nkeepalive = 5\n"
+        f"[http]\nport = {http_port}\n[mqtt]\nport = {mqtt_port}\n"
         f"reconnect_min_s = 0.2\nreconnect_max_s = 4.0\n[telemetry]\ninterval_s = 60\n"
         f'[outbox]\npath = "{work / (name + "-outbox.sqlite")}"\n'
     )
@@ -320,7 +320,7 @@ def print_table(outcomes: list[Outcome]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=ROOT, help="source tree the daemon runs from")
-    parser.add_argument("--burst", type=int, default=300, help="requests in the wildcard burst")
+    parser.add_argument("--burst", type=int, default=1000, help="requests in the wildcard burst")
     parser.add_argument("--big", type=int, default=60, help="how many large requests")
     parser.add_argument("--big-mb", type=float, default=14.0, help="size of each large request")
     parser.add_argument("--wait", type=float, default=20.0, help="seconds to wait for answers per case")
@@ -352,7 +352,8 @@ def attack(device: Device, work: Path, args: argparse.Namespace) -> list[Outcome
     other = "edge/other-device/infer/mlp"
     bad_topics = (f"{BASE}/status", f"{BASE}/telemetry", other)
     outcomes = [
-        run_case(device, f"burst of {args.burst}, Response Topic atk/+/x", [_request(id=f"b{i}") for i in range(args.burst)],
+        run_case(device, f"burst of {args.burst} x 130 KB, Response Topic atk/+/x",
+                 [_request(rows=100, id=f"b{i}") for i in range(args.burst)],
                  response_topic="atk/+/x", wait=wait),
         run_case(device, "Response Topic $SYS/broker/x", [_request(id=f"s{i}") for i in range(13)],
                  response_topic="$SYS/broker/x", wait=wait),

@@ -450,7 +450,6 @@ class MqttLink:
     ) -> None:
         if session.dropped is None:  # the broker's own reason comes first; then paho's "connection lost"
             session.dropped = reason
-        session.ping_sent = None
         if session is self._session and not session.retired.is_set():
             self._lost(session)
 
@@ -466,10 +465,7 @@ class MqttLink:
             self._call_listener(listener, mid, ok)
 
     def _on_log(self, session: Session, _c: paho.Client, _u: object, _level: int, text: str) -> None:
-        if text == "Sending PINGREQ":
-            session.ping_sent = session.ping_sent or time.monotonic()
-        elif text == "Received PINGRESP":
-            session.ping_sent = None
+        if text == "Received PINGRESP":
             self.pingresps += 1
 
     def _call_listener(self, listener: Callable[..., None], *args: Any) -> None:
