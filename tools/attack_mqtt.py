@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -303,18 +304,28 @@ def nested(depth: int) -> bytes:
     )
 
 
-def print_table(outcomes: list[Outcome]) -> None:
-    head = f"| {'case':<42} | {'sent':>4} | {'answered (status: count)':<30} | leaked | still answering | reconnects | RSS MB before -> after (peak) |"
-    print(head)
-    print("|" + "|".join("-" * (len(part)) for part in head.split("|")[1:-1]) + "|")
-    for o in outcomes:
-        answers = ", ".join(f"{k}: {v}" for k, v in sorted(o.answers.items(), key=str)) or "-"
-        rss = f"{o.rss[0]:.0f} -> {o.rss[1]:.0f} ({o.rss[2]:.0f})"
-        print(
-            f"| {o.case:<42} | {o.sent:>4} | {answers:<30} | {o.leaked:>6} | {'yes' if o.answering else 'NO':<15} | {o.reconnects:>10} | {rss:<29} |"
-        )
-        if o.note:
-            print(f"|   {o.note}")
+HEAD = (
+    f"| {'case':<46} | {'sent':>4} | {'answered (status: count)':<24} | leaked | still answering | reconnects "
+    "| RSS MB before -> after (peak) |"
+)
+
+
+def print_header() -> None:
+    print(HEAD)
+    print("|" + "|".join("-" * len(part) for part in HEAD.split("|")[1:-1]) + "|", flush=True)
+
+
+def print_row(o: Outcome) -> None:
+    answers = ", ".join(f"{k}: {v}" for k, v in sorted(o.answers.items(), key=str)) or "-"
+    rss = f"{o.rss[0]:.0f} -> {o.rss[1]:.0f} ({o.rss[2]:.0f})"
+    answering = "yes" if o.answering else "NO"
+    print(
+        f"| {o.case:<46} | {o.sent:>4} | {answers:<24} | {o.leaked:>6} | {answering:<15} | {o.reconnects:>10} "
+        f"| {rss:<29} |",
+        flush=True,
+    )
+    if o.note:
+        print(f"|   {o.note}", flush=True)
 
 
 def main() -> int:
@@ -330,15 +341,17 @@ def main() -> int:
         broker, port = start_mosquitto(work)
         device = start_daemon(work, port, args.root)
         try:
-            outcomes = attack(device, work, args)
+            print_header()
+            for case in attack(device, args):
+                print_row(case())
             broker_case, broker = broker_down(device, broker, work, 5.0)
-            outcomes += [broker_case, twin(device, work, args.root, 15.0)]
+            print_row(broker_case)
+            print_row(twin(device, work, args.root, 15.0))
         finally:
             device.process.terminate()
             device.process.wait(15)
             broker.terminate()
             broker.wait(10)
-        print_table(outcomes)
         tracebacks = len(device.lines("Traceback"))
         print(
             f"\ntracebacks in the daemon log: {tracebacks}; daemon exit code after SIGTERM: {device.process.returncode}"
@@ -346,46 +359,46 @@ def main() -> int:
     return 0
 
 
-def attack(device: Device, work: Path, args: argparse.Namespace) -> list[Outcome]:
-    """The request cases, in the order of the issue."""
+def attack(device: Device, args: argparse.Namespace) -> list[Callable[[], Outcome]]:
+    """The request cases, in the order of the issue (each runs when called)."""
     wait = args.wait
     other = "edge/other-device/infer/mlp"
     bad_topics = (f"{BASE}/status", f"{BASE}/telemetry", other)
-    outcomes = [
-        run_case(device, f"burst of {args.burst} x 130 KB, Response Topic atk/+/x",
+    cases = [
+        lambda: run_case(device, f"burst of {args.burst} x 130 KB, Response Topic atk/+/x",
                  [_request(rows=100, id=f"b{i}") for i in range(args.burst)],
                  response_topic="atk/+/x", wait=wait),
-        run_case(device, "Response Topic $SYS/broker/x", [_request(id=f"s{i}") for i in range(13)],
+        lambda: run_case(device, "Response Topic $SYS/broker/x", [_request(id=f"s{i}") for i in range(13)],
                  response_topic="$SYS/broker/x", wait=wait),
-        run_case(device, "reply_to $SYS/x (3.1.1)", [_request(id=f"r{i}", reply_to="$SYS/x") for i in range(13)],
+        lambda: run_case(device, "reply_to $SYS/x (3.1.1)", [_request(id=f"r{i}", reply_to="$SYS/x") for i in range(13)],
                  protocol=311, wait=wait),
-        run_case(device, "Response Topic edge/other-device/...", [_request(id=f"o{i}") for i in range(13)],
+        lambda: run_case(device, "Response Topic edge/other-device/...", [_request(id=f"o{i}") for i in range(13)],
                  response_topic=other, leak_topics=bad_topics, wait=wait),
-        run_case(device, "Response Topic = own status topic", [_request(id=f"t{i}") for i in range(13)],
+        lambda: run_case(device, "Response Topic = own status topic", [_request(id=f"t{i}") for i in range(13)],
                  response_topic=f"{BASE}/status", leak_topics=bad_topics, wait=wait),
-        run_case(device, "reply_to = own telemetry topic (3.1.1)",
+        lambda: run_case(device, "reply_to = own telemetry topic (3.1.1)",
                  [_request(id=f"m{i}", reply_to=f"{BASE}/telemetry") for i in range(13)],
                  protocol=311, leak_topics=bad_topics, wait=wait),
-        run_case(device, "reply_to with a control character (3.1.1)",
+        lambda: run_case(device, "reply_to with a control character (3.1.1)",
                  [_request(id=f"c{i}", reply_to="a\u0001b") for i in range(13)], protocol=311, wait=wait),
-        run_case(device, "JSON nested 100k deep", [nested(100_000)] * 3, response_topic="atk/reply",
+        lambda: run_case(device, "JSON nested 100k deep", [nested(100_000)] * 3, response_topic="atk/reply",
                  answer_topic="atk/reply", wait=wait),
-        run_case(device, "NaN and Infinity inputs",
+        lambda: run_case(device, "NaN and Infinity inputs",
                  [_request().replace(b'"data": [', b'"data": [NaN, Infinity, ')] * 3,
                  response_topic="atk/reply", answer_topic="atk/reply", wait=wait),
-        run_case(device, "outputs[].parameters of the wrong type",
+        lambda: run_case(device, "outputs[].parameters of the wrong type",
                  [_request(outputs=[{"name": "probabilities", "parameters": "x"}])] * 3,
                  response_topic="atk/reply", answer_topic="atk/reply", wait=wait),
-        run_case(device, "17 MB request (limit 16 MiB)", [_request(rows=14_000)] * 3, response_topic="atk/reply",
+        lambda: run_case(device, "17 MB request (limit 16 MiB)", [_request(rows=14_000)] * 3, response_topic="atk/reply",
                  answer_topic="atk/reply", wait=wait),
     ]  # fmt: skip
     rows = int(args.big_mb * 1e6 / (64 * 20.5))
     big = _request(rows=rows)
-    outcomes.append(
-        run_case(device, f"{args.big} requests of {len(big) / 1e6:.0f} MB", [big] * args.big,
+    cases.append(
+        lambda: run_case(device, f"{args.big} requests of {len(big) / 1e6:.0f} MB", [big] * args.big,
                  response_topic="atk/reply", answer_topic="atk/reply", wait=max(wait, 60))
     )  # fmt: skip
-    return outcomes
+    return cases
 
 
 if __name__ == "__main__":
