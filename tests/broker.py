@@ -7,6 +7,7 @@ again mid-test on the same port (outage tests).
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -58,7 +59,9 @@ def free_port() -> int:
 class Broker:
     """One mosquitto process with a generated config; `stop()` / `start()` keep the port."""
 
-    def __init__(self, directory: Path, *, persistence: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, persistence: bool = False, users: dict[str, str] | None = None
+    ) -> None:
         self.binary = require_binary("mosquitto")
         self.directory = directory
         self.port = free_port()
@@ -67,14 +70,27 @@ class Broker:
         self.config = directory / "mosquitto.conf"
         lines = [
             f"listener {self.port} {HOST}",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if users else 'true'}",
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {directory}/",
             "max_queued_messages 100000",
             "log_type error",
             "log_type warning",
+            # Run as ourselves: as root, mosquitto switches to user "mosquitto", who can neither write
+            # its persistence file nor read a password file in pytest's private tmp folder.
+            f"user {getpass.getuser()}",
         ]
+        if users:
+            lines.append(f"password_file {self._password_file(users)}")
         self.config.write_text("\n".join(lines) + "\n")
+
+    def _password_file(self, users: dict[str, str]) -> Path:
+        """A Mosquitto password file for `users` (name -> password), made with mosquitto_passwd."""
+        path = self.directory / "passwords"
+        path.write_text("")
+        for name, password in users.items():
+            subprocess.run([require_binary("mosquitto_passwd"), "-b", str(path), name, password], check=True)
+        return path
 
     @property
     def address(self) -> str:
@@ -270,3 +286,45 @@ max_records = {outbox_max}
 """
     )
     return path
+
+
+def mlp_dataplane(store_dir: Path, keys: object, profile: object, bundle: Path, **options: object) -> object:
+    """A real DataPlane serving one MLP bundle installed into `store_dir` (options go to DataPlane)."""
+    from edge_runtime.serving.dataplane import DataPlane
+    from edge_runtime.serving.registry import ModelRegistry
+    from edge_runtime.state.store import ModelStore
+
+    install_models(store_dir, keys.public_key, profile, [bundle])  # type: ignore[attr-defined]
+    registry = ModelRegistry(profile)  # type: ignore[arg-type]
+    registry.load_all(ModelStore(store_dir, keys.public_key, profile))  # type: ignore[attr-defined,arg-type]
+    return DataPlane(registry, **options)  # type: ignore[arg-type]
+
+
+class GatedDataPlane:
+    """A real DataPlane whose `infer` waits until the test opens the gate: workers are held busy on cue."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.registry = inner.registry  # type: ignore[attr-defined]
+        self.max_request_bytes = inner.max_request_bytes  # type: ignore[attr-defined]
+        self.metrics = inner.metrics  # type: ignore[attr-defined]
+        self.gate = threading.Event()
+        self._held = 0
+        self._changed = threading.Condition()
+
+    def infer(self, request: object) -> object:
+        """Wait for the gate (at most 60 s), then run the real inference."""
+        with self._changed:
+            self._held += 1
+            self._changed.notify_all()
+        self.gate.wait(60)
+        return self.inner.infer(request)  # type: ignore[attr-defined]
+
+    def shed(self, model: str | None) -> None:
+        """Count a shed request in the real metrics."""
+        self.inner.shed(model)  # type: ignore[attr-defined]
+
+    def wait_held(self, count: int, timeout: float = 15.0) -> None:
+        """Wait until `count` requests reached `infer` (and wait at the gate while it is shut)."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self._held >= count, timeout), f"{self._held} held"

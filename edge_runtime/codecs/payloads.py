@@ -31,9 +31,7 @@ from edge_runtime.core.errors import (
     PayloadTooLarge,
     RequestError,
     UnavailableError,
-    UsageError,
 )
-from edge_runtime.core.topic_names import check_topic
 from edge_runtime.core.types import InferRequest, InferResponse, StreamDecoding
 
 __all__ = [
@@ -114,7 +112,10 @@ class Envelope:
     """The parsed request (parsed once: `request` decodes its tensors from it)."""
     id: str | None
     reply_to: str | None
+    """The topic a 3.1.1 client asked for, unchecked (the MQTT transport vets reply topics)."""
     model_version: str | None
+    reply_to_error: str | None = None
+    """Why ``reply_to`` cannot be used (it was not a string); the reply then goes to the default topic."""
 
     def request(self, model: str) -> InferRequest:
         """Decode the tensors into an InferRequest for `model`."""
@@ -126,20 +127,30 @@ def _optional_str(doc: dict[str, Any], key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str | int) or isinstance(value, bool):
-        raise RequestError(f"'{key}' must be a string, got {value!r}")
+        raise RequestError(f"'{key}' must be a string, got {_brief(value)}")
     return str(value)
 
 
+def _brief(value: Any) -> str:
+    """A short readable form of a JSON value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{type(value).__name__} {text[:57]}..."
+
+
 def read_envelope(raw: bytes, *, max_bytes: int) -> Envelope:
-    """Parse an inference request's id, reply_to and model_version (tensors are decoded later)."""
+    """Parse an inference request's id, reply_to and model_version (tensors are decoded later).
+
+    A ``reply_to`` that is not a string does not fail the parse: it is reported in `reply_to_error`,
+    so the caller can still answer on the default topic with the request's ``id``.
+    """
     doc = decode_json(raw, max_bytes=max_bytes)
-    reply_to = _optional_str(doc, "reply_to")
-    if reply_to is not None:
-        try:
-            check_topic(reply_to)
-        except UsageError as exc:
-            raise RequestError(f"reply_to: {exc}") from None
-    return Envelope(doc, _optional_str(doc, "id"), reply_to, _optional_str(doc, "model_version"))
+    request_id = _optional_str(doc, "id")
+    reply_to = doc.get("reply_to")
+    reply_to_error = None
+    if reply_to is not None and not isinstance(reply_to, str):
+        reply_to_error = f"'reply_to' must be a string, got {_brief(reply_to)}"
+        reply_to = None
+    return Envelope(doc, request_id, reply_to, _optional_str(doc, "model_version"), reply_to_error)
 
 
 def encode_reply(response: InferResponse) -> bytes:

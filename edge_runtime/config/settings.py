@@ -98,6 +98,8 @@ class MqttSettings:
     """Threads running inference for MQTT requests (never paho's network thread)."""
     queue_size: int = 256
     """Messages waiting for a worker; beyond it requests are answered "busy" (503)."""
+    queue_bytes: int = 64 * 1024 * 1024
+    """Payload bytes waiting for a worker; beyond it requests are answered "busy" (503)."""
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
 
@@ -173,6 +175,7 @@ def _check(settings: Settings, source: str) -> None:
         "mqtt.keepalive": settings.mqtt.keepalive,
         "mqtt.workers": settings.mqtt.workers,
         "mqtt.queue_size": settings.mqtt.queue_size,
+        "mqtt.queue_bytes": settings.mqtt.queue_bytes,
         "telemetry.interval_s": settings.telemetry.interval_s,
         "outbox.max_records": settings.outbox.max_records,
         "outbox.max_bytes": settings.outbox.max_bytes,

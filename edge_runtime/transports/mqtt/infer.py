@@ -9,7 +9,6 @@ Handlers run on the link's worker threads, never on paho's network thread.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -23,20 +22,26 @@ from edge_runtime.codecs.payloads import (
     read_envelope,
 )
 from edge_runtime.config.settings import StreamBinding
-from edge_runtime.core.errors import EdgeError, RequestError, UnavailableError
+from edge_runtime.core.errors import PayloadTooLarge, RequestError, UnavailableError
 from edge_runtime.core.topic_names import expand
-from edge_runtime.serving.dataplane import DataPlane
+from edge_runtime.serving.dataplane import DataPlane, failure_of
 from edge_runtime.state.outbox import Outbox
-from edge_runtime.transports.mqtt.link import Incoming, MqttLink
+from edge_runtime.transports.mqtt.link import Incoming, MqttLink, Refusal, Refused
 from edge_runtime.transports.mqtt.topics import DeviceTopics
 
 __all__ = ["MqttService"]
 
 log = logging.getLogger(__name__)
 
+_BUSY = "the device is busy (too many requests waiting); retry later"
+
 
 class MqttService:
-    """Answers inference requests and runs stream bindings over one `MqttLink`."""
+    """Answers inference requests and runs stream bindings over one `MqttLink`.
+
+    Request and error counts live in the dataplane's metrics (shed requests included), so HTTP
+    and MQTT are counted, and report failures, the same way; `stats` gives only link facts.
+    """
 
     def __init__(
         self,
@@ -54,70 +59,85 @@ class MqttService:
         self.streams = streams
         self.outbox = outbox
         self.on_queued = on_queued
-        self.requests = 0
-        self.errors = 0
-        self._lock = threading.Lock()
 
     def attach(self) -> None:
         """Subscribe the request topic and every stream binding's topic."""
-        self.link.subscribe(self.topics.infer_filter, self.handle_request, qos=1, on_busy=self._busy)
+        limit = self.dataplane.max_request_bytes
+        self.link.subscribe(
+            self.topics.infer_filter, self.handle_request, qos=1, on_refused=self._refused, max_bytes=limit
+        )
         for binding in self.streams:
             topic = expand(binding.topic, self.topics.device_id, wildcards=True)
             handler = partial(self.handle_stream, binding)
-            self.link.subscribe(topic, handler, qos=binding.qos, on_busy=partial(self._stream_busy, binding))
+            refused = partial(self._stream_refused, binding)
+            self.link.subscribe(topic, handler, qos=binding.qos, on_refused=refused, max_bytes=limit)
 
     def stats(self) -> dict[str, Any]:
-        """Counters for telemetry."""
-        return {
-            "connected": self.link.connected,
-            "protocol": self.link.protocol.value,
-            "requests": self.requests,
-            "errors": self.errors,
-            "shed": self.link.shed,
-        }
+        """Link facts for telemetry: connected, protocol, reconnects, queue depth and bytes, shed."""
+        return self.link.stats()
 
     # -- request / response ----------------------------------------------------------------
     def handle_request(self, message: Incoming) -> None:
-        """Answer one request on its response topic (MQTT 5), its reply_to, or the model's reply topic."""
-        self._count(request=True)
-        model = self.topics.model_of(message.topic) or ""
+        """Answer one request on its Response Topic (MQTT 5) or reply_to, if allowed, else the default topic.
+
+        A reply topic that is refused (see `DeviceTopics.check_reply_topic`) is answered 400 on the
+        model's default reply topic, with the request's ``id`` and correlation data.
+        """
+        model = self.topics.model_of(message.topic)
+        topic = self.topics.default_reply(model)
+        problem: RequestError | None = None
+        if message.response_topic is not None:
+            topic, problem = self._vet(message.response_topic, topic)
         envelope: Envelope | None = None
         try:
             envelope = read_envelope(message.payload, max_bytes=self.dataplane.max_request_bytes)
-            response = self.dataplane.infer(envelope.request(model))
-            payload = encode_reply(response)
-        except EdgeError as exc:
-            payload = self._error(exc, envelope)
-        except Exception as exc:  # a backend bug: still answer, and keep serving
-            log.exception("inference on %s failed", message.topic)
-            payload = self._error(UnavailableError(f"inference failed: {exc}"), envelope)
-        self._answer(message, envelope, model, payload)
+            if message.response_topic is None and problem is None:
+                topic, problem = self._reply_to(envelope, topic)
+            if problem is not None:
+                raise problem
+            payload = encode_reply(self.dataplane.infer(envelope.request(model or "")))
+        except Exception as exc:
+            failure = failure_of(problem or exc, f"MQTT request on {message.topic}")
+            payload = encode_error(failure.message, failure.status, envelope.id if envelope else None)
+        self._reply(message, topic, payload)
 
-    def _count(self, *, request: bool = False, error: bool = False) -> None:
-        with self._lock:
-            self.requests += int(request)
-            self.errors += int(error)
+    def _vet(self, requested: str, default: str) -> tuple[str, RequestError | None]:
+        """The reply topic to use: `requested` if allowed, else `default` and why not."""
+        try:
+            return self.topics.check_reply_topic(requested), None
+        except RequestError as exc:
+            return default, exc
 
-    def _error(self, exc: EdgeError, envelope: Envelope | None) -> bytes:
-        self._count(error=True)
-        return encode_error(str(exc), exc.status, envelope.id if envelope else None)
+    def _reply_to(self, envelope: Envelope, default: str) -> tuple[str, RequestError | None]:
+        if envelope.reply_to_error is not None:
+            return default, RequestError(envelope.reply_to_error)
+        if envelope.reply_to is None:
+            return default, None
+        return self._vet(envelope.reply_to, default)
 
-    def _answer(self, message: Incoming, envelope: Envelope | None, model: str, payload: bytes) -> None:
-        if message.response_topic:
-            topic = message.response_topic
-        elif envelope is not None and envelope.reply_to:
-            topic = envelope.reply_to
-        else:
-            topic = self.topics.reply(model) if model else f"{self.topics.base}/reply"
+    def _reply(self, message: Incoming, topic: str, payload: bytes) -> None:
         self.link.publish(topic, payload, qos=min(message.qos, 1), correlation_data=message.correlation_data)
 
-    def _busy(self, message: Incoming) -> None:
-        """On the network thread, when the work queue is full: answer 503 without decoding tensors."""
-        self._count(request=True, error=True)
-        error = UnavailableError("the device is busy (too many requests waiting); retry later")
-        self._answer(
-            message, None, self.topics.model_of(message.topic) or "", encode_error(str(error), 503, None)
-        )
+    def _refused(self, refused: Refused) -> None:
+        """On the link's replier thread: answer a request that was not queued (busy 503, too large 413)."""
+        message = refused.message
+        if message is None:  # dropped unanswered: count them, nothing to answer
+            for _ in range(refused.count):
+                self.dataplane.shed(None)
+            return
+        model = self.topics.model_of(message.topic)
+        error: RequestError | UnavailableError
+        if refused.reason is Refusal.BUSY:
+            self.dataplane.shed(model)
+            error = UnavailableError(_BUSY)
+        else:
+            limit = self.dataplane.max_request_bytes
+            error = PayloadTooLarge(f"payload is {refused.size} bytes, the limit is {limit}")
+        topic = self.topics.default_reply(model)
+        if message.response_topic is not None:
+            topic, problem = self._vet(message.response_topic, topic)
+            error = problem or error
+        self._reply(message, topic, encode_error(str(error), error.status, None))
 
     # -- stream bindings -------------------------------------------------------------------
     def handle_stream(self, binding: StreamBinding, message: Incoming) -> None:
@@ -133,9 +153,9 @@ class MqttService:
                 max_bytes=self.dataplane.max_request_bytes,
             )
             payload = encode_stream_result(self.dataplane.infer(request), message.topic)
-        except EdgeError as exc:
-            self._count(error=True)
-            payload = encode_error(f"{message.topic}: {exc}", exc.status, None)
+        except Exception as exc:
+            failure = failure_of(exc, f"stream reading on {message.topic}")
+            payload = encode_error(f"{message.topic}: {failure.message}", failure.status, None)
         self._publish_result(binding, payload)
 
     def _only_input(self, model: str) -> str:
@@ -155,8 +175,18 @@ class MqttService:
         else:
             self.link.publish(topic, payload, qos=binding.qos)
 
-    def _stream_busy(self, binding: StreamBinding, message: Incoming) -> None:
-        """On the network thread: say the reading was skipped (never touches the outbox's disk)."""
-        self._count(error=True)
-        payload = encode_error(f"{message.topic}: the device is busy; reading skipped", 503, None)
+    def _stream_refused(self, binding: StreamBinding, refused: Refused) -> None:
+        """On the link's replier thread: say the reading was skipped (never touches the outbox's disk)."""
+        if refused.reason is Refusal.BUSY:
+            for _ in range(refused.count):
+                self.dataplane.shed(binding.model)
+        if refused.message is None:
+            return
+        topic = refused.message.topic
+        if refused.reason is Refusal.BUSY:
+            payload = encode_error(f"{topic}: the device is busy; reading skipped", 503, None)
+        else:
+            limit = self.dataplane.max_request_bytes
+            text = f"{topic}: payload is {refused.size} bytes, the limit is {limit}; reading skipped"
+            payload = encode_error(text, PayloadTooLarge.status, None)
         self.link.publish(expand(binding.output_topic, self.topics.device_id), payload, qos=binding.qos)

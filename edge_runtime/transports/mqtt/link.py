@@ -1,20 +1,33 @@
 """The MQTT connection (the one module that imports paho-mqtt).
 
-paho runs its network loop on its own thread and calls our callbacks there while holding its
-callback lock, so a slow callback stalls keep-alive for everybody. Callbacks here only put the
-message on a bounded queue (or note an ack or a state change) and return; a small pool of worker
-threads runs the handlers. MQTT 5 first, falling back to 3.1.1 if the broker refuses it;
-reconnects with exponential backoff; presence via a retained last will.
+Threads, and what runs on each:
+
+- ``mqtt-net-<n>``: our loop around paho's ``loop()``: connect, read, write, keep-alive. Every paho
+  callback is guarded (no exception escapes into paho) and only queues: received messages go to
+  the work queue (bounded in count and bytes); a message that does not fit, or is over the size
+  limit, goes to the small refusal queue instead (or is dropped and counted when even that is full).
+- ``mqtt-worker-<i>``: run the handlers (inference) from the work queue.
+- ``mqtt-replier``: answers refusals (busy 503, too large 413), so no reply is published from the
+  network thread.
+- ``mqtt-supervisor``: rebuilds the connection (new paho client, same subscriptions, presence
+  published again) when the network thread died or stopped making progress, with a WARNING.
+
+Every failed connect attempt logs a WARNING with the reason and the next attempt's time; delays
+grow exponentially with jitter between ``reconnect_min_s`` and ``reconnect_max_s``. A session
+taken over by another client with the same id (MQTT 5 reason 0x8E, or a broker that keeps closing
+the connection right after accepting it) is an ERROR naming the client id, and the delays keep
+growing instead of flapping. MQTT 5 first, falling back to 3.1.1 if the broker refuses it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -23,52 +36,30 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_runtime.config.settings import MqttProtocol, MqttSettings
-from edge_runtime.core.errors import TransientError, UsageError
+from edge_runtime.core.errors import UsageError
+from edge_runtime.transports.mqtt.dispatch import (
+    AckBook,
+    Dispatcher,
+    Handler,
+    Incoming,
+    Refusal,
+    RefusalHandler,
+    Refused,
+    Route,
+)
+from edge_runtime.transports.mqtt.retry import Backoff, DropWatch
+from edge_runtime.transports.mqtt.session import Session, Will
 
-__all__ = ["Incoming", "MqttLink", "Will"]
+__all__ = ["Incoming", "MqttLink", "Refusal", "Refused", "Will"]
 
 log = logging.getLogger(__name__)
 
 _UNSUPPORTED_PROTOCOL = 132
 """CONNACK reason "Unsupported Protocol Version" (paho maps a 3.1.1 broker's refusal to it)."""
-_STOP = object()
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-@dataclass(frozen=True)
-class Incoming:
-    """One received message, as handlers see it."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    response_topic: str | None = None
-    """MQTT 5 Response Topic property."""
-    correlation_data: bytes | None = None
-    """MQTT 5 Correlation Data property."""
-
-
-@dataclass(frozen=True)
-class Will:
-    """A retained message: published on connect (`online`) and registered as last will (`offline`)."""
-
-    topic: str
-    online: bytes
-    offline: bytes
-    qos: int = 1
-
-
-Handler = Callable[[Incoming], None]
-
-
-@dataclass(frozen=True)
-class _Subscription:
-    filter: str
-    handler: Handler
-    on_busy: Handler | None
-    qos: int
-
-
-def _no_delay(_client: paho.Client, _userdata: object, sock: object) -> None:
+def _no_delay(sock: object) -> None:
     """Disable Nagle: replies are small and latency-bound (paho leaves it on)."""
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -81,55 +72,136 @@ class MqttLink:
         self.settings = settings
         self.client_id = client_id
         self.presence = presence
-        self.protocol = settings.protocol
-        self.shed = 0
-        """Messages refused because the work queue was full."""
-        self._subs: list[_Subscription] = []
+        self.rebuilds = 0
+        """Times the supervisor replaced a dead or stuck network thread."""
+        self.callback_errors = 0
+        self.pingresps = 0
+        """Keep-alive answers received (the network loop is alive and the broker hears us)."""
+        self.retry_delays: list[tuple[float, float]] = []
+        """The last (nominal, drawn) reconnect delays in seconds, newest last."""
+        self.dispatcher = Dispatcher(settings.workers, settings.queue_size, settings.queue_bytes)
         self._ack_listeners: list[Callable[[int, bool], None]] = []
-        self._ack_lock = threading.Lock()  # a leaf lock: never held while calling paho
-        self._ack_wanted: set[int] = set()  # message ids of QoS > 0 publishes not acknowledged yet
-        self._ack_publishing = 0  # QoS > 0 publish calls whose message id is not in _ack_wanted yet
+        self._acks = AckBook()
         self._local = threading.local()
         self._connection_listeners: list[Callable[[bool], None]] = []
-        self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_size)
-        self._workers: list[threading.Thread] = []
         self._connected = threading.Event()
         self._epoch = 0
-        self._accepting = True
-        self._client = self._make_client(self.protocol)
+        self._started = False
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
+        stable = max(settings.keepalive, 2 * settings.reconnect_max_s)
+        self._drops = DropWatch(self._backoff, client_id, stable)
+        self._swap = threading.Lock()
+        self._session = self._new_session(1, settings.protocol)
 
     # -- state -----------------------------------------------------------------------------
     @property
+    def protocol(self) -> MqttProtocol:
+        """The protocol version in use (3.1.1 after a fallback)."""
+        return self._session.protocol
+
+    @property
     def connected(self) -> bool:
-        """True while the broker has accepted the connection."""
-        return self._connected.is_set()
+        """True while the broker accepted us, the subscriptions are in place and the loop runs."""
+        return self._connected.is_set() and self.problem() is None
 
     @property
     def connection_epoch(self) -> int:
         """Incremented on every successful (re)connect."""
         return self._epoch
 
+    @property
+    def session(self) -> int:
+        """Incremented whenever the paho client is replaced (fallback, rebuild): its in-flight ids are void."""
+        return self._session.number
+
+    @property
+    def shed(self) -> int:
+        """Messages refused because the work queue was full."""
+        return self.dispatcher.shed
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for a worker."""
+        return self.dispatcher.queued
+
+    @property
+    def queued_bytes(self) -> int:
+        """Payload bytes waiting for a worker (bounded by ``mqtt.queue_bytes``)."""
+        return self.dispatcher.queued_bytes
+
+    @property
+    def peak_queued_bytes(self) -> int:
+        """The most payload bytes ever waiting at once."""
+        return self.dispatcher.peak_queued_bytes
+
+    @property
+    def takeovers(self) -> int:
+        """Times the session was (probably) taken over by another client with our client id."""
+        return self._drops.takeovers
+
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected (True) or `timeout` seconds passed (False)."""
-        return self._connected.wait(timeout)
+        return self._connected.wait(timeout) and self.connected
+
+    def problem(self) -> str | None:
+        """Why the link cannot work now (a thread died or is stuck), or None; a broker outage is not one."""
+        if not self._started or self._stopping.is_set():
+            return "not running"
+        dead = self.dispatcher.dead()
+        session = self._session
+        for thread in (self._supervisor, session.thread):
+            if thread is not None and not thread.is_alive():
+                dead.append(thread.name)
+        if dead:
+            return f"thread {', '.join(dead)} died"
+        return session.stalled(self.settings.keepalive * 1.5)
+
+    def healthy(self) -> bool:
+        """True while every thread of the link runs and the network loop makes progress (for a watchdog)."""
+        return self.problem() is None
+
+    def stats(self) -> dict[str, Any]:
+        """Link facts for telemetry (request counts live in the dataplane's metrics)."""
+        return {
+            "connected": self.connected,
+            "protocol": self.protocol.value,
+            "reconnects": max(0, self._epoch - 1),
+            "rebuilds": self.rebuilds,
+            "takeovers": self.takeovers,
+            "queued": self.dispatcher.queued,
+            "queued_bytes": self.dispatcher.queued_bytes,
+            "shed": self.dispatcher.shed,
+            "replies_dropped": self.dispatcher.replies_dropped,
+        }
 
     # -- registration (before or after start) ----------------------------------------------
     def subscribe(
-        self, topic_filter: str, handler: Handler, *, qos: int = 1, on_busy: Handler | None = None
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        qos: int = 1,
+        on_refused: RefusalHandler | None = None,
+        max_bytes: int = 0,
     ) -> None:
-        """Run `handler` on a worker for every message matching `topic_filter`; `on_busy` if the queue is full."""
-        sub = _Subscription(topic_filter, handler, on_busy, qos)
-        self._subs.append(sub)
-        self._attach(self._client, sub)
-        if self.connected:
-            self._client.subscribe(topic_filter, qos)
+        """Run `handler` on a worker for each message on `topic_filter`; `on_refused` if it cannot be queued.
+
+        A message over `max_bytes` (0: no limit) is refused as too large without being queued.
+        """
+        index = self.dispatcher.add(Route(topic_filter, handler, on_refused, qos, max_bytes))
+        session = self._session
+        self._attach(session, index)
+        if self._connected.is_set():
+            session.client.subscribe(topic_filter, qos)
 
     def add_ack_listener(self, listener: Callable[[int, bool], None]) -> None:
         """Call `listener(mid, ok)` on the network thread for every acknowledged publish (keep it tiny)."""
         self._ack_listeners.append(listener)
 
     def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
-        """Call `listener(connected)` on the network thread on every (dis)connect (keep it tiny)."""
+        """Call `listener(connected)` on every (dis)connect, on the network or supervisor thread (keep it tiny)."""
         self._connection_listeners.append(listener)
 
     # -- publishing ------------------------------------------------------------------------
@@ -144,21 +216,18 @@ class MqttLink:
         response_topic: str | None = None,
     ) -> int | None:
         """Queue a message for the broker; its message id, or None if paho refused it."""
+        client = self._session.client
         properties = self._properties(qos, correlation_data, response_topic)
         if qos > 0:
-            with self._ack_lock:
-                self._ack_publishing += 1
+            self._acks.begin()
         info = None
         try:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         except ValueError as exc:  # paho's check of topic and payload
             raise UsageError(f"cannot publish to '{topic}': {exc}") from exc
         finally:
             if qos > 0:
-                with self._ack_lock:
-                    self._ack_publishing -= 1
-                    if info is not None:
-                        self._ack_wanted.add(info.mid)
+                self._acks.end(info.mid if info is not None else None)
         if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN) and (
             qos > 0 or info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         ):
@@ -186,145 +255,244 @@ class MqttLink:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the workers and connect in the background (retrying until the broker answers)."""
-        for index in range(max(1, self.settings.workers)):
-            worker = threading.Thread(target=self._work, name=f"mqtt-worker-{index}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
-        self._connect(self._client)
+        """Start the threads and connect in the background (retrying until the broker answers)."""
+        self._started = True
+        self.dispatcher.start()
+        self._supervisor = threading.Thread(target=self._supervise, name="mqtt-supervisor", daemon=True)
+        self._supervisor.start()
+        self._run_session(self._session)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish queued work, publish `offline` (if presence is set), disconnect, stop the threads."""
-        self._accepting = False
-        for _ in self._workers:
-            self._queue.put(_STOP)
-        for worker in self._workers:
-            worker.join(timeout)
-        client = self._client
-        if self.presence is not None and self.connected:
-            info = client.publish(
+        self.dispatcher.stop(timeout)
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+        session = self._session
+        if self.presence is not None and self._connected.is_set():
+            info = session.client.publish(
                 self.presence.topic, self.presence.offline, qos=self.presence.qos, retain=True
             )
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 info.wait_for_publish(timeout)
-        client.disconnect()
-        client.loop_stop()
+        session.client.disconnect()
+        if session.thread is not None and session.thread.is_alive():
+            session.thread.join(timeout)
+        session.retired.set()
         self._connected.clear()
 
-    # -- paho side ---------------------------------------------------------------------------
-    def _make_client(self, protocol: MqttProtocol) -> paho.Client:
+    # -- sessions (one paho client each) ----------------------------------------------------
+    def _new_session(self, number: int, protocol: MqttProtocol) -> Session:
         version = MQTTProtocolVersion.MQTTv5 if protocol is MqttProtocol.V5 else MQTTProtocolVersion.MQTTv311
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=version)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_socket_open = _no_delay
-        # paho annotates the delays as int, but its backoff arithmetic works in float seconds.
-        client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)  # type: ignore[arg-type]
+        session = Session(number, protocol, client)
+        client.suppress_exceptions = True  # ours are guarded anyway; paho's own then only log
+        client.on_connect = self._guard(functools.partial(self._on_connect, session))
+        client.on_disconnect = self._guard(functools.partial(self._on_disconnect, session))
+        client.on_publish = self._guard(functools.partial(self._on_publish, session))
+        client.on_subscribe = self._guard(functools.partial(self._on_subscribe, session))
+        client.on_log = self._guard(functools.partial(self._on_log, session))
+        client.on_socket_open = self._guard(lambda _c, _u, sock: _no_delay(sock))
+        client.on_socket_register_write = lambda *_: None  # a publish from any thread only queues
         client.max_inflight_messages_set(64)
         if self.settings.username:
             client.username_pw_set(self.settings.username, self.settings.password or None)
         if self.presence is not None:
             client.will_set(self.presence.topic, self.presence.offline, qos=self.presence.qos, retain=True)
-        for sub in self._subs:
-            self._attach(client, sub)
-        return client
+        for index in range(len(self.dispatcher.routes)):
+            self._attach(session, index)
+        return session
 
-    def _connect(self, client: paho.Client) -> None:
-        try:
-            client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
-        except (OSError, ValueError) as exc:
-            raise TransientError(
-                f"cannot connect to {self.settings.host}:{self.settings.port}: {exc}"
-            ) from exc
-        client.loop_start()
-
-    def _attach(self, client: paho.Client, sub: _Subscription) -> None:
-        def enqueue(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
-            self._dispatch(sub, message)
-
-        client.message_callback_add(sub.filter, enqueue)
-
-    def _dispatch(self, sub: _Subscription, message: paho.MQTTMessage) -> None:
-        """On the network thread: wrap the message and queue it; never run the handler here."""
-        props = message.properties if self.protocol is MqttProtocol.V5 else None
-        incoming = Incoming(
-            topic=message.topic,
-            payload=bytes(message.payload),  # paho types it bytes | bytearray; bytes(bytes) is no copy
-            qos=message.qos,
-            response_topic=getattr(props, "ResponseTopic", None),
-            correlation_data=getattr(props, "CorrelationData", None),
+    def _run_session(self, session: Session) -> None:
+        session.thread = threading.Thread(
+            target=self._network, args=(session,), name=f"mqtt-net-{session.number}", daemon=True
         )
-        if not self._accepting:
-            return
-        try:
-            self._queue.put_nowait((sub.handler, incoming))
-        except queue.Full:
-            self.shed += 1
-            if sub.on_busy is not None:
-                sub.on_busy(incoming)
+        session.thread.start()
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
+    def _replace(self, session: Session, protocol: MqttProtocol, why: str) -> None:
+        """Retire `session` and start a new client (same subscriptions); the old thread is not joined."""
+        with self._swap:
+            if session is not self._session or self._stopping.is_set():
                 return
-            handler, incoming = item
+            fresh = self._new_session(session.number + 1, protocol)
+            self._acks.clear()
+            self._session = fresh
+            session.wake()
+        self._lost(session)
+        log.info("new MQTT client %d (%s)", fresh.number, why)
+        self._run_session(fresh)
+
+    def _lost(self, session: Session) -> None:
+        """The connection of `session` is gone: say so once."""
+        if session.connected_at is None or not self._connected.is_set():
+            return
+        self._connected.clear()
+        for listener in self._connection_listeners:
+            self._call_listener(listener, False)
+
+    # -- the network thread ------------------------------------------------------------------
+    def _network(self, session: Session) -> None:
+        """Connect, run paho's loop until the connection ends, back off, again; until retired."""
+        while not (session.retired.is_set() or self._stopping.is_set()):
+            failure = session.open(self.settings.host, self.settings.port, self.settings.keepalive)
+            if failure is None:
+                session.pump()
+                failure = self._ended(session)
+            if session.retired.is_set() or self._stopping.is_set():
+                return
+            if session.downgrade:
+                log.warning("broker refused MQTT 5; retrying with MQTT 3.1.1")
+                self._replace(session, MqttProtocol.V311, "MQTT 3.1.1 fallback")
+                return
+            self._wait_retry(session, failure)
+
+    def _ended(self, session: Session) -> str:
+        """After a connection ended: what to log (and an ERROR when another client has our id)."""
+        if session is self._session:
+            self._lost(session)
+        if session.refused is not None:
+            return session.refused
+        if session.connected_at is None:
+            return (
+                f"MQTT broker {self.settings.host}:{self.settings.port} closed the connection before CONNACK"
+            )
+        uptime = time.monotonic() - session.connected_at
+        reason = session.dropped
+        takeover = self._drops.ended(uptime, reason.value if reason is not None else None)
+        if takeover:
+            log.error(takeover)
+        said = str(reason) if reason is not None else "connection lost"
+        return f"disconnected from MQTT broker after {uptime:.1f} s ({said})"
+
+    def _wait_retry(self, session: Session, failure: str) -> None:
+        nominal = self._backoff.nominal
+        delay = self._backoff.draw()
+        self.retry_delays = [*self.retry_delays[-31:], (nominal, delay)]
+        at = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
+        log.warning("%s; next attempt in %.1f s (at %s)", failure, delay, at)
+        session.sleep(delay, self._stopping)
+
+    # -- paho callbacks (network thread; guarded, they only note or queue) --------------------
+    def _guard(self, callback: F) -> F:
+        """`callback` such that no exception escapes into paho (it would end the network loop)."""
+
+        @functools.wraps(callback)
+        def guarded(*args: Any) -> Any:
             try:
-                handler(incoming)
-            except Exception:  # a handler bug must not kill the worker
-                log.exception("handler for %s failed", incoming.topic)
+                return callback(*args)
+            except Exception:
+                self.callback_errors += 1
+                if self.callback_errors == 1 or self.callback_errors % 1000 == 0:
+                    log.exception("MQTT callback failed (%d so far)", self.callback_errors)
+                return None
+
+        return guarded  # type: ignore[return-value]
+
+    def _attach(self, session: Session, index: int) -> None:
+        def enqueue(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
+            if session.retired.is_set():
+                return
+            props = message.properties if session.protocol is MqttProtocol.V5 else None
+            incoming = Incoming(
+                topic=message.topic,
+                payload=cast(bytes, message.payload),  # paho reads it as bytes
+                qos=message.qos,
+                response_topic=getattr(props, "ResponseTopic", None),
+                correlation_data=getattr(props, "CorrelationData", None),
+            )
+            self.dispatcher.dispatch(index, incoming)
+
+        session.client.message_callback_add(self.dispatcher.routes[index].filter, self._guard(enqueue))
 
     def _on_connect(
-        self, client: paho.Client, _u: object, _flags: object, reason: ReasonCode, _p: object
+        self, session: Session, client: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object
     ) -> None:
-        if reason.is_failure:
-            if (
-                reason.value == _UNSUPPORTED_PROTOCOL
-                and self.protocol is MqttProtocol.V5
-                and self.settings.fallback
-            ):
-                log.warning("broker refused MQTT 5; retrying with MQTT 3.1.1")
-                threading.Thread(target=self._downgrade, name="mqtt-downgrade", daemon=True).start()
-            else:
-                log.error("broker refused the connection: %s", reason)
+        if session.retired.is_set():
             return
-        self._epoch += 1
-        self._connected.set()
-        log.info("connected to %s:%s (MQTT %s)", self.settings.host, self.settings.port, self.protocol.value)
-        if self._subs:
-            client.subscribe([(sub.filter, sub.qos) for sub in self._subs])
+        where = f"{self.settings.host}:{self.settings.port}"
+        if reason.is_failure:
+            session.downgrade = (
+                reason.value == _UNSUPPORTED_PROTOCOL
+                and session.protocol is MqttProtocol.V5
+                and self.settings.fallback
+            )
+            session.refused = f"MQTT broker {where} refused the connection: {reason}"
+            return
+        session.connected_at = time.monotonic()
+        log.info("connected to %s (MQTT %s)", where, session.protocol.value)
+        routes = self.dispatcher.routes
+        if routes:
+            _, session.subscribe_mid = client.subscribe([(route.filter, route.qos) for route in routes])
+        else:
+            self._up()
         if self.presence is not None:
             client.publish(self.presence.topic, self.presence.online, qos=self.presence.qos, retain=True)
-        for listener in self._connection_listeners:
-            listener(True)
 
-    def _downgrade(self) -> None:
-        """Replace the MQTT 5 client with a 3.1.1 one (not on the network thread: it joins it)."""
-        old = self._client
-        old.loop_stop()
-        old.disconnect()
-        self.protocol = MqttProtocol.V311
-        self._client = self._make_client(self.protocol)
-        self._connect(self._client)
+    def _on_subscribe(
+        self, session: Session, _c: paho.Client, _u: object, mid: int, reasons: list[ReasonCode], _p: object
+    ) -> None:
+        if mid != session.subscribe_mid or session.retired.is_set():
+            return
+        for route, reason in zip(self.dispatcher.routes, reasons, strict=False):
+            if reason.is_failure:
+                log.warning("broker refused the subscription to '%s': %s", route.filter, reason)
+        self._up()
+
+    def _up(self) -> None:
+        """Connected and subscribed: wake the waiters, tell the listeners."""
+        self._epoch += 1
+        self._connected.set()
+        for listener in self._connection_listeners:
+            self._call_listener(listener, True)
 
     def _on_disconnect(
-        self, _c: paho.Client, _u: object, _flags: object, reason: ReasonCode, _p: object
+        self, session: Session, _c: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object
     ) -> None:
-        was_connected = self._connected.is_set()
-        self._connected.clear()
-        if was_connected:
-            if self._accepting:
-                log.warning("disconnected from broker (%s); reconnecting", reason)
-            for listener in self._connection_listeners:
-                listener(False)
+        if session.dropped is None:  # the broker's own reason comes first; then paho's "connection lost"
+            session.dropped = reason
+        if session is self._session and not session.retired.is_set():
+            self._lost(session)
 
-    def _on_publish(self, _c: paho.Client, _u: object, mid: int, reason: ReasonCode, _p: object) -> None:
-        with self._ack_lock:  # paho reports QoS 0 publishes as sent too: those wake no listener
-            if mid in self._ack_wanted:
-                self._ack_wanted.discard(mid)
-            elif not self._ack_publishing:  # (an ack racing its own publish call is passed on)
-                return
+    def _on_publish(
+        self, session: Session, _c: paho.Client, _u: object, mid: int, reason: ReasonCode, _p: object
+    ) -> None:
+        if session is not self._session:
+            return
+        if not self._acks.acked(mid):
+            return
         ok = not reason.is_failure
         for listener in self._ack_listeners:
-            listener(mid, ok)
+            self._call_listener(listener, mid, ok)
+
+    def _on_log(self, session: Session, _c: paho.Client, _u: object, _level: int, text: str) -> None:
+        if text == "Received PINGRESP":
+            self.pingresps += 1
+
+    def _call_listener(self, listener: Callable[..., None], *args: Any) -> None:
+        try:
+            listener(*args)
+        except Exception:  # a listener bug must not end the loop or the supervisor
+            self.callback_errors += 1
+            log.exception("MQTT listener failed")
+
+    # -- the supervisor thread -----------------------------------------------------------------
+    def _supervise(self) -> None:
+        """Replace the network thread's client when that thread died or stopped making progress."""
+        period = min(1.0, self.settings.keepalive / 4)
+        while not self._stopping.wait(period):
+            try:
+                self._check_network()
+            except Exception:  # the supervisor must outlive whatever it supervises
+                log.exception("MQTT supervisor check failed")
+
+    def _check_network(self) -> None:
+        session = self._session
+        thread = session.thread
+        if thread is not None and not thread.is_alive():
+            why = f"MQTT network thread {thread.name} died"
+        else:
+            why = session.stalled(self.settings.keepalive * 1.5) or ""
+        if why and not self._stopping.is_set():
+            self.rebuilds += 1
+            log.warning("%s; rebuilding the MQTT connection (new client, same subscriptions)", why)
+            self._replace(session, session.protocol, why)

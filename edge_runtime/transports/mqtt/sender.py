@@ -27,6 +27,11 @@ class Publisher(Protocol):
         ...
 
     @property
+    def session(self) -> int:
+        """Incremented when the client is replaced: message ids in flight before it are never acked."""
+        ...
+
+    @property
     def connected(self) -> bool:
         """True while the broker accepted the connection."""
         ...
@@ -44,7 +49,9 @@ class OutboxSender:
     """A thread that publishes the outbox in order and removes records once the broker acked them.
 
     After a reconnect, paho re-sends the messages that were in flight itself; new records wait until
-    those are acknowledged, so the broker sees every record in sequence order.
+    those are acknowledged, so the broker sees every record in sequence order. When the link
+    replaced its client (a new `session`), nothing in flight will be acked: those records are sent
+    again from the oldest one.
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class OutboxSender:
         self._acked: list[int] = []  # seqs acknowledged but not removed from the file yet
         self._last_sent = 0
         self._delay = 0.0
+        self._session = link.session
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
         link.add_ack_listener(self._on_ack)
@@ -147,6 +155,11 @@ class OutboxSender:
 
     def _send_some(self) -> bool:
         """Publish the next records if the link is up and the window allows; True if any went out."""
+        if self.link.session != self._session:
+            self._session = self.link.session
+            if self._inflight:
+                self._last_sent = min(seq for seq, _ in self._inflight.values()) - 1
+                self._inflight.clear()
         epoch = self.link.connection_epoch
         if not self.link.connected or any(e != epoch for _, e in self._inflight.values()):
             return False

@@ -8,24 +8,52 @@ Layout, rooted at ``edge/<device_id>/``::
     telemetry              periodic device + per-model telemetry (QoS 1, through the outbox)
     events                 model load failures, refused bundles, dropped-telemetry counts
     update/...             reserved for model updates (not used yet)
+    inbox/<client>/...     replies a caller asked for (Response Topic or ``reply_to``)
 
 Stream bindings subscribe and publish to topics named in the configuration; ``{device}`` in
 them is replaced by the device id.
+
+Reply topics come from outside (the MQTT 5 Response Topic, or ``reply_to`` in a 3.1.1 request), so
+`DeviceTopics.check_reply_topic` vets them before anything is published there: no wildcards, no
+``$`` broker topics, nothing a broker refuses as malformed UTF-8 (it would drop the connection),
+and nothing in the ``edge/`` tree but this device's ``inbox/<client>/...``. The inbox is where a
+caller confined by broker ACLs to its own topics gets answers (as AWS IoT answers under the
+thing's own ``$aws/things/<thing>/...``): the device publishes only below ``edge/<device>/``, and a
+client subscribes ``edge/+/inbox/<its client id>/#``. Topics outside ``edge/`` are the caller's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_runtime.core.errors import RequestError, UsageError
 from edge_runtime.core.topic_names import check_level, check_topic
 
 __all__ = [
+    "INBOX",
     "ROOT",
     "DeviceTopics",
+    "broker_refuses",
 ]
 
 ROOT = "edge"
-_FORBIDDEN_IN_LEVEL = ("/", "+", "#", "\x00")
+INBOX = "inbox"
+_MAX_TOPIC_BYTES = 65535
+
+
+def broker_refuses(char: str) -> bool:
+    """True for a character an MQTT broker treats as malformed in a topic (Mosquitto disconnects us).
+
+    MQTT 5 section 1.5.4: NUL, surrogates, control characters and non-characters.
+    """
+    code = ord(char)
+    return (
+        code <= 0x1F
+        or 0x7F <= code <= 0x9F
+        or 0xD800 <= code <= 0xDFFF
+        or 0xFDD0 <= code <= 0xFDEF
+        or (code & 0xFFFF) >= 0xFFFE
+    )
 
 
 @dataclass(frozen=True)
@@ -69,6 +97,52 @@ class DeviceTopics:
     def reply(self, model: str) -> str:
         """Default reply topic of `model` (used when a request names no reply topic)."""
         return f"{self.base}/reply/{check_level(model, 'model name')}"
+
+    def default_reply(self, model: str | None) -> str:
+        """Where a request on `model`'s topic is answered when it names no usable reply topic."""
+        try:
+            return self.reply(model) if model else f"{self.base}/reply"
+        except UsageError:
+            return f"{self.base}/reply"
+
+    def inbox(self, client: str, *rest: str) -> str:
+        """A reply topic under this device's inbox for caller `client` (for a client to ask for)."""
+        levels = [check_level(client, "client"), *(check_level(level, "inbox level") for level in rest)]
+        return "/".join((self.base, INBOX, *levels))
+
+    def inbox_filter(self, client: str) -> str:
+        """The filter a caller subscribes to receive every reply sent to its inbox on this device."""
+        return f"{self.base}/{INBOX}/{check_level(client, 'client')}/#"
+
+    def check_reply_topic(self, topic: str) -> str:
+        """Return `topic` if a reply may be published there; RequestError saying why not."""
+        reason = self._reply_topic_problem(topic)
+        if reason:
+            shown = topic if len(topic) <= 80 else topic[:77] + "..."
+            raise RequestError(f"reply topic {shown!r} refused: {reason}")
+        return topic
+
+    def _reply_topic_problem(self, topic: str) -> str | None:
+        if not topic:
+            return "it is empty"
+        if any(broker_refuses(char) for char in topic):
+            return "it holds a NUL, control or non-character code point the broker refuses"
+        if len(topic.encode("utf-8")) > _MAX_TOPIC_BYTES:
+            return f"it is longer than {_MAX_TOPIC_BYTES} bytes"
+        if "+" in topic or "#" in topic:
+            return "it holds a wildcard (+ or #); a reply goes to one topic"
+        if topic.startswith("$"):
+            return "topics starting with $ belong to the broker"
+        levels = topic.split("/")
+        if levels[0] != ROOT:
+            return None
+        own = levels[1:3] == [self.device_id, INBOX] and len(levels) > 3
+        if own and all(levels[3:]):
+            return None
+        return (
+            f"the {ROOT}/ tree is reserved for devices; a reply may go to "
+            f"{self.base}/{INBOX}/<client>/... or to a topic outside {ROOT}/"
+        )
 
     def update(self, suffix: str) -> str:
         """Reserved: a topic under ``update/`` for the future model-update flow."""
