@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # imported in start() only when enabled: a disabled transport
     from edge_runtime.transports.mqtt.infer import MqttService
     from edge_runtime.transports.mqtt.link import MqttLink
     from edge_runtime.transports.mqtt.sender import OutboxSender
+    from edge_runtime.update.service import UpdateService
 
 __all__ = ["Daemon", "sd_notify"]
 
@@ -85,6 +86,8 @@ class Daemon:
         self.sender: OutboxSender | None = None
         self.service: MqttService | None = None
         self.telemetry: TelemetryLoop | None = None
+        self.store: ModelStore | None = None
+        self.updates: UpdateService | None = None
         self.failures: list[LoadFailure] = []
         self._stopping = False
         self._stop = threading.Event()
@@ -130,6 +133,7 @@ class Daemon:
         settings = self.settings
         profile = load_profile(settings.profile)
         store = ModelStore(Path(settings.store), signing.load_public_key(Path(settings.public_key)), profile)
+        self.store = store
         self.registry = ModelRegistry(profile)
         self.failures = self.registry.load_all(store)
         self.dataplane = DataPlane(
@@ -186,15 +190,31 @@ class Daemon:
             health=self.health,
             on_queued=sender.notify,
         )
+        self._start_updates(link)
         link.start()
         sender.start()
         self.telemetry.start()
+
+    def _start_updates(self, link: MqttLink) -> None:
+        """The model-update service on the update topics; unfinished jobs in its journal resume."""
+        from edge_runtime.transports.mqtt.update import UpdateChannel
+        from edge_runtime.update.service import UpdateService
+
+        assert self.store is not None and self.registry is not None and self.dataplane is not None
+        dataplane = self.dataplane
+        self.updates = UpdateService(
+            self.store, self.registry, UpdateChannel(link, self.topics),
+            model_stats=lambda name: dataplane.metrics.snapshot()["models"].get(name),
+        )  # fmt: skip
+        self.updates.start()
 
     def stop(self) -> None:
         """Stop in reverse order: telemetry, MQTT (publishing `offline`), outbox, HTTP."""
         self._stopping = True
         if self.telemetry is not None:
             self.telemetry.stop()
+        if self.updates is not None:
+            self.updates.stop()
         if self.sender is not None:
             self.sender.stop()
         if self.link is not None:

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from edge_runtime.codecs.update_payloads import (
@@ -33,7 +34,14 @@ from edge_runtime.transports.mqtt.update import UpdateChannel
 from edge_runtime.update.encoding import max_wire_bytes
 from edge_runtime.update.journal import Journal
 from edge_runtime.update.machine import STATES, TERMINAL, Handler, Interrupted, Job, State, run_job
-from edge_runtime.update.steps import InstallSteps, check_offer, file_sha256, serving_version, store_writes
+from edge_runtime.update.steps import (
+    FREE_SPACE_MARGIN,
+    InstallSteps,
+    check_offer,
+    file_sha256,
+    serving_version,
+    store_writes,
+)
 from edge_runtime.update.transfer import BlockReceiver
 
 __all__ = ["TransferSettings", "UpdateService"]
@@ -45,11 +53,18 @@ _ERRORS_PER_JOB = 5
 """Error reports about one job id at most (a flood of stray blocks costs a few messages)."""
 
 
+@dataclass(frozen=True)
 class TransferSettings:
-    """Block transfer knobs (window, stall and give-up times)."""
+    """Block transfer and admission knobs."""
 
-    def __init__(self, window: int = 16, stall_s: float = 3.0, give_up_s: float = 600.0) -> None:
-        self.window, self.stall_s, self.give_up_s = window, stall_s, give_up_s
+    window: int = 16
+    """Blocks asked for at once (and at most re-sent after a kill -9 or a broker restart)."""
+    stall_s: float = 3.0
+    """Ask for a window again when no block of it arrived for this long."""
+    give_up_s: float = 600.0
+    """Fail the job when no block at all arrived for this long."""
+    reserve_bytes: int = FREE_SPACE_MARGIN
+    """Free bytes the store keeps beyond what an update needs (an offer that would eat them is refused)."""
 
 
 class UpdateService:
@@ -125,7 +140,7 @@ class UpdateService:
                 if known is not None:  # the host offered again (no report reached it): say where it stands
                     self._report(known)
                     return
-                check_offer(self.store, offer, running=self._by_model)
+                check_offer(self.store, offer, self._by_model, reserve_bytes=self.transfer.reserve_bytes)
                 job = Job(offer)
                 self._launch_locked(job)
         except EdgeError as exc:

@@ -58,7 +58,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_offer(store: ModelStore, offer: Offer, running: dict[str, str]) -> None:
+def check_offer(
+    store: ModelStore, offer: Offer, running: dict[str, str], *, reserve_bytes: int = FREE_SPACE_MARGIN
+) -> None:
     """Refuse an offer before anything is written: unknown model, busy model, no space, bad base."""
     versions = store.versions(offer.model)
     if not versions and not offer.new_model:
@@ -70,7 +72,7 @@ def check_offer(store: ModelStore, offer: Offer, running: dict[str, str]) -> Non
         raise UsageError(
             f"an update of model '{offer.model}' is already running (job {running[offer.model]})"
         )
-    needed = offer.payload_size + 2 * offer.size + FREE_SPACE_MARGIN
+    needed = offer.payload_size + 2 * offer.size + reserve_bytes
     free = shutil.disk_usage(store.root).free
     if free < needed:
         raise BundleError(f"the update needs {needed} bytes in the model store, {free} are free")
