@@ -27,7 +27,7 @@ from edge_runtime.transports.mqtt.topics import DeviceTopics
 from tests.broker import Broker, Probe, broker_fixture, free_port, install_models, write_daemon_config  # noqa: F401
 from tests.conftest import make_keys
 from tests.mlp_models import INPUT_NAME, OUTPUT_NAME, make_weights, reference_forward
-from tests.update_harness import hostile_offer, rewrite_member, signature_of
+from tests.update_harness import NORMAL, hostile_offer, rewrite_member, signature_of
 
 DEVICE = "gw-update"
 TOPICS = DeviceTopics(DEVICE)
@@ -172,7 +172,9 @@ def test_broker_restart_mid_transfer_resumes(daemon, broker, mlp_bundle_factory)
     assert daemon.serving({"2": big}) == "2"
 
 
-@pytest.mark.parametrize("kill_at", ["downloading", "verifying", "trial", "committing", "probation"])
+@pytest.mark.parametrize(
+    "kill_at", ["downloading", "verifying", "installing", "trial", "committing", "probation"]
+)
 def test_kill_9_in_each_state_comes_back_old_or_new(kill_at, daemon, broker, mlp_bundle_factory, store_dir):
     prepared = prepare(mlp_bundle_factory("mlp", "2", seed=2).read_bytes(), block_size=1024,
                        probation=_probation(2.0))  # fmt: skip
@@ -194,6 +196,9 @@ def test_kill_9_in_each_state_comes_back_old_or_new(kill_at, daemon, broker, mlp
         time.sleep(0.02)
     assert killed.is_set(), f"never saw {kill_at}: {seen}"
     journal = json.loads((store_dir / ".updates" / f"{prepared.offer.job}.json").read_text())
+    order = [state.value for state in NORMAL]
+    assert order.index(journal["state"]) >= order.index(kill_at) and journal["state"] != "committed"
+    print(f"killed at report '{kill_at}', journal in '{journal['state']}'")
     daemon.start()
     assert daemon.serving() in ("1", "2")  # the old or the new one, checked against its weights
     host.join(120)

@@ -74,7 +74,8 @@ class Feeder:
     def download(self, device: Device, window: int = 4) -> Callable[[Job], None]:
         def run(job: Job) -> None:
             receiver = BlockReceiver(job, device.journal.part_path(job.id), request=lambda raw: feed(raw),
-                                     persist=device.journal.save, window=window, stall_s=2.0, give_up_s=10.0)  # fmt: skip
+                                     persist=device.journal.save, window=window, stall_s=2.0, give_up_s=10.0,
+                                     save_bytes=window * self.prepared.offer.block_size)  # fmt: skip
 
             def feed(raw: bytes) -> None:
                 for index in decode_block_request(raw).indices():

@@ -23,6 +23,7 @@ from edge_runtime.client.flash import (
     bundle_identity,
     command,
     flash_many,
+    parse_broker,
     prepare,
 )
 from edge_runtime.codecs.update_payloads import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, CommandOp, Probation
@@ -112,6 +113,7 @@ def flash(
     timeout: float,
 ) -> None:
     """Push BUNDLE to each --device: pulled in blocks, verified, installed A/B, tried, committed or rolled back."""
+    parse_broker(broker)
     raw = bundle.read_bytes()
     name = bundle_identity(raw)[0]  # not a signed bundle: refused here, before any device is bothered
     rules = _probation(probation, max_error_rate, max_p95_ms, min_requests)

@@ -43,6 +43,7 @@ __all__ = [
     "command",
     "flash",
     "flash_many",
+    "parse_broker",
     "prepare",
 ]
 
@@ -166,7 +167,8 @@ class FlashResult:
         return self.state == "committed"
 
 
-def _parse_broker(broker: str) -> tuple[str, int]:
+def parse_broker(broker: str) -> tuple[str, int]:
+    """(host, port) of a HOST:PORT broker address (UsageError otherwise)."""
     host, _, port = broker.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--broker '{broker}' must be HOST:PORT")
@@ -177,7 +179,7 @@ def _link(broker: str, name: str) -> Any:
     from edge_runtime.config.settings import MqttSettings
     from edge_runtime.transports.mqtt.link import MqttLink
 
-    host, port = _parse_broker(broker)
+    host, port = parse_broker(broker)
     settings = MqttSettings(host=host, port=port, workers=2, reconnect_min_s=0.1, reconnect_max_s=1.0)
     return MqttLink(settings, f"edgectl-{name}-{uuid.uuid4().hex[:8]}")
 

@@ -58,7 +58,9 @@ class TransferSettings:
     """Block transfer and admission knobs."""
 
     window: int = 16
-    """Blocks asked for at once (and at most re-sent after a kill -9 or a broker restart)."""
+    """Blocks asked for at once (at most this many are re-sent after a broker restart)."""
+    save_bytes: int = 4 << 20
+    """Received bytes between two saves of the download's progress (fsync + journal write)."""
     stall_s: float = 3.0
     """Ask for a window again when no block of it arrived for this long."""
     give_up_s: float = 600.0
@@ -243,7 +245,8 @@ class UpdateService:
             job, self.journal.part_path(job.id),
             request=lambda payload: self.channel.request_blocks(job.id, payload),
             persist=self.journal.save, progress=self._report,
-            window=settings.window, stall_s=settings.stall_s, give_up_s=settings.give_up_s,
+            window=settings.window, save_bytes=settings.save_bytes,
+            stall_s=settings.stall_s, give_up_s=settings.give_up_s,
         )  # fmt: skip
         with self._lock:
             if self._stopping.is_set():

@@ -2,9 +2,11 @@
 
 The device asks for the lowest blocks it lacks, at most `window` at once (offset + bitmap); each
 block that arrives is decoded, checked against its sha256 from the offer and written at its offset
-in the part file. When the window is complete the part file is fsynced and only then the job's
-bitmap saved, so after a kill -9 at most one window is asked for again. A window that stalls
-(lost on a broker restart, a dropped link) is asked for again; a reconnect asks at once.
+in the part file. When a window is complete the next one is asked for; while it travels, once
+`save_bytes` were received since the last save (and at the end), the part file is fsynced and only
+then the job's bitmap saved. So at most one window is ever in flight (a broker restart costs at
+most one window again) and a kill -9 costs at most `save_bytes` plus one window. A window that
+stalls (lost on a broker restart, a dropped link) is asked for again; a reconnect asks at once.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class BlockReceiver:
         persist: Callable[[Job], None],
         progress: Callable[[Job], None] = lambda job: None,
         window: int = 16,
+        save_bytes: int = 4 << 20,
         stall_s: float = 5.0,
         give_up_s: float = 600.0,
     ) -> None:
@@ -66,7 +69,8 @@ class BlockReceiver:
         self.offer = job.offer
         self.part_path = part_path
         self._request, self._persist, self._progress = request, persist, progress
-        self.window, self.stall_s, self.give_up_s = window, stall_s, give_up_s
+        self.window, self.save_bytes = window, save_bytes
+        self.stall_s, self.give_up_s = stall_s, give_up_s
         size = (self.offer.blocks + 7) // 8
         if len(job.have) != size:
             job.have = bytearray(size)
@@ -122,20 +126,24 @@ class BlockReceiver:
         self._fd = os.open(self.part_path, flags, 0o600)
         try:
             os.ftruncate(self._fd, self.offer.payload_size)
-            while True:
-                wanted = missing_blocks(self._received, self.offer.blocks, self.window)
-                if not wanted:
-                    break
-                self._fetch_window(wanted)
-                self._commit_window()
+            wanted = missing_blocks(self._received, self.offer.blocks, self.window)
+            if wanted:
+                self._ask(wanted)
+            while wanted:
+                self._await_window(wanted)
+                following = missing_blocks(self._received, self.offer.blocks, self.window)
+                if following:  # the next window travels while this one is fsynced
+                    self._ask(following)
+                if not following or self._unsaved_bytes() >= self.save_bytes:
+                    self._commit_window()
+                wanted = following
         finally:
             fd, self._fd = self._fd, None
             with self._changed:
                 os.close(fd)
 
-    def _fetch_window(self, wanted: list[int]) -> None:
-        """Ask for `wanted` and wait until all of them are in; re-ask on a stall or a reconnect."""
-        self._ask(wanted)
+    def _await_window(self, wanted: list[int]) -> None:
+        """Wait until every block of `wanted` (already asked for) is in; re-ask on a stall or a reconnect."""
         asked_at = last_progress = time.monotonic()
         remaining = len(wanted)
         while True:
@@ -165,12 +173,21 @@ class BlockReceiver:
         except Exception as exc:  # publishing while the link is down: the stall timer asks again
             log.debug("update %s: block request not sent (%s)", self.offer.job, exc)
 
+    def _unsaved_bytes(self) -> int:
+        """Payload bytes received but not yet recorded in the journal."""
+        with self._changed:
+            count = sum(
+                bin(a & ~b & 0xFF).count("1") for a, b in zip(self._received, self.job.have, strict=True)
+            )
+        return count * self.offer.block_size
+
     def _commit_window(self) -> None:
         """fsync the part file, then persist which blocks it holds."""
         assert self._fd is not None
+        with self._changed:  # what was written before the fsync starts is what the fsync makes durable
+            written = bytearray(self._received)
         os.fsync(self._fd)
-        with self._changed:
-            self.job.have = bytearray(self._received)
+        self.job.have = written
         self._persist(self.job)
         self._progress(self.job)
 
