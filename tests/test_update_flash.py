@@ -157,16 +157,25 @@ def test_broker_restart_mid_transfer_resumes(daemon, broker, mlp_bundle_factory)
     bundle = mlp_bundle_factory("mlp", "2", seed=2, sizes=big).read_bytes()
     prepared = prepare(bundle, block_size=1024, compression="none")
     assert prepared.offer.blocks > 200
-    restarted = threading.Event()
+    watcher = Probe(broker)  # sees the blocks go by; the restart lands in the middle of a window
+    watcher.subscribe(TOPICS.update_block_filter, qos=0)
+    restarted_at: list[int] = []
 
-    def progress(result: FlashResult, report: dict) -> None:
-        if report.get("state") == "downloading" and report.get("percent", 0) >= 40 and not restarted.is_set():
-            restarted.set()
-            broker.stop()  # whatever is in flight is lost
-            broker.start()
+    def restart_midway() -> None:
+        watcher.wait_for(lambda items: len(items) >= prepared.offer.blocks // 2, timeout=60)
+        restarted_at.append(len(watcher.received))
+        broker.stop()  # whatever is in flight is lost
+        time.sleep(1.0)  # both sides notice the broker is gone
+        broker.start()
 
-    result = flash(broker.address, DEVICE, prepared, timeout=120, progress=progress)
-    assert restarted.is_set() and result.state == "committed", result.reason
+    chaos = threading.Thread(target=restart_midway)
+    chaos.start()
+    result = flash(broker.address, DEVICE, prepared, timeout=120)
+    chaos.join(30)
+    watcher.close()
+    assert restarted_at and restarted_at[0] < prepared.offer.blocks, restarted_at  # mid-transfer
+    assert result.state == "committed", result.reason
+    print(f"broker restarted after {restarted_at[0]} blocks: {result.blocks_resent} blocks sent twice")
     assert result.blocks_sent == prepared.offer.blocks + result.blocks_resent
     assert result.blocks_resent <= 16, f"{result.blocks_resent} blocks sent twice; the window is 16"
     assert daemon.serving({"2": big}) == "2"
@@ -400,7 +409,7 @@ def test_an_offer_larger_than_the_free_space_is_refused(broker, store_dir, signi
     registry.load_all(store)
     topics = DeviceTopics("gw-small-disk")
     link = MqttLink(MqttSettings(host="127.0.0.1", port=broker.port), "gw-small-disk")
-    reserve = shutil.disk_usage(store_dir).free  # an update of any size would eat into it
+    reserve = shutil.disk_usage(store_dir).total  # more than can ever be free: any update eats into it
     service = UpdateService(store, registry, UpdateChannel(link, topics), model_stats=lambda name: None,
                             transfer=TransferSettings(reserve_bytes=reserve))  # fmt: skip
     service.start()

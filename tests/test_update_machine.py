@@ -272,3 +272,30 @@ def test_the_table_is_complete():
             assert (state, Event.SUCCESS) in TRANSITIONS and (state, Event.FAILURE) in TRANSITIONS
     reachable = {State.OFFERED} | set(TRANSITIONS.values())
     assert reachable == set(State)
+
+
+def test_a_new_model_is_installed_only_when_the_offer_says_so(device_dir, signing_keys, device_profile,
+                                                              mlp_bundle_factory):  # fmt: skip
+    root, _ = device_dir
+    device = _boot(root, signing_keys, device_profile)
+    raw = mlp_bundle_factory("fresh", "1", seed=3).read_bytes()
+    with pytest.raises(NotFoundError, match="--new"):
+        check_offer(device.store, prepare(raw).offer, running={})
+    prepared = prepare(raw, block_size=4096, new_model=True, job="fresh")
+    check_offer(device.store, prepared.offer, running={})
+    job = Job(prepared.offer)
+    assert _run(device, job, Feeder(prepared)) is State.COMMITTED
+    assert device.serving("fresh") == "1" and device.serving("mlp") == "1"
+    assert job.from_version is None
+
+
+def test_offering_the_running_version_again_does_nothing(device_dir, signing_keys, device_profile):
+    root, _ = device_dir
+    device = _boot(root, signing_keys, device_profile)
+    prepared = prepare(device.store.bundle_path("mlp", "1").read_bytes(), job="again")
+    check_offer(device.store, prepared.offer, running={})
+    feeder = Feeder(prepared)
+    job = Job(prepared.offer)
+    assert _run(device, job, feeder) is State.COMMITTED
+    assert job.history == [State.OFFERED, State.COMMITTED] and feeder.sent == []
+    assert "already active" in job.reason

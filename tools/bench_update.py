@@ -143,19 +143,35 @@ def timed_flash(
 
 def restart_at_half(
     port: int, broker: subprocess.Popen, directory: Path, raw: bytes, block_size: int
-) -> tuple[FlashResult, int]:
-    """Flash while the broker is restarted once the device reports 50%; (result, the new broker's port)."""
-    state = {"broker": broker, "done": False}
+) -> tuple[FlashResult, subprocess.Popen]:
+    """Flash while the broker is restarted once half of the blocks went by; (result, the new broker)."""
+    prepared = prepare(raw, block_size=block_size, compression="none")
+    watcher = MqttLink(MqttSettings(host="127.0.0.1", port=port, reconnect_min_s=0.1), "bench-watch")
+    seen = threading.Event()
+    count = [0]
 
-    def progress(result: FlashResult, report: dict) -> None:
-        if report.get("state") == "downloading" and report.get("percent", 0) >= 50 and not state["done"]:
-            state["done"] = True
-            state["broker"].terminate()
-            state["broker"].wait(10)
-            state["broker"] = _restart_broker(directory, port)
+    def on_block(_message: object) -> None:
+        count[0] += 1
+        if count[0] >= prepared.offer.blocks // 2:
+            seen.set()
 
-    result = flash(f"127.0.0.1:{port}", DEVICE, prepare(raw, block_size=block_size, compression="none"),
-                   timeout=600, progress=progress)  # fmt: skip
+    watcher.subscribe(f"edge/{DEVICE}/update/jobs/+/block", on_block, qos=0)
+    watcher.start()
+    assert watcher.wait_connected(10)
+    state = {"broker": broker}
+
+    def restart() -> None:
+        seen.wait(120)
+        state["broker"].terminate()
+        state["broker"].wait(10)
+        time.sleep(1.0)
+        state["broker"] = _restart_broker(directory, port)
+
+    chaos = threading.Thread(target=restart)
+    chaos.start()
+    result = flash(f"127.0.0.1:{port}", DEVICE, prepared, timeout=600)
+    chaos.join(30)
+    watcher.stop(timeout=1.0)
     return result, state["broker"]
 
 
@@ -268,7 +284,7 @@ def report(
     raw = variants["4"].read_bytes()
     result, broker = restart_at_half(port, broker, folder, raw, block)
     assert result.state == "committed", result.reason
-    print(f"\nbroker restarted at 50%: {result.blocks_resent} of {result.blocks} blocks re-sent "
+    print(f"\nbroker restarted after half of the blocks went by: {result.blocks_resent} of {result.blocks} blocks re-sent "
           f"({result.blocks_resent * block:,} bytes of {len(raw):,}; window 16 blocks), final state {result.state}")  # fmt: skip
     broker.terminate()
     print(f"sha256 of the pushed bundle: {hashlib.sha256(raw).hexdigest()[:16]}...")

@@ -96,7 +96,8 @@ class UpdateService:
         self._error_counts: collections.Counter[str] = collections.Counter()
         steps = InstallSteps(store, registry, self.journal, download=self._download,
                              model_stats=model_stats, stopping=self._stopping)  # fmt: skip
-        handlers = self._take_turns(steps.handlers())
+        guarded = {state: self._unless_stopping(handler) for state, handler in steps.handlers().items()}
+        handlers = self._take_turns(guarded)
         self.handlers = wrap_handlers(handlers) if wrap_handlers else handlers
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -226,6 +227,16 @@ class UpdateService:
         while len(self._finished) > _REMEMBER_FINISHED:
             self._finished.popitem(last=False)
 
+    def _unless_stopping(self, handler: Handler) -> Handler:
+        """A handler that does not start once the daemon stops (the job resumes at next start)."""
+
+        def run(job: Job) -> Any:
+            if self._stopping.is_set():
+                raise Interrupted("the daemon is stopping")
+            return handler(job)
+
+        return run
+
     def _take_turns(self, handlers: dict[State, Handler]) -> dict[State, Handler]:
         """Verify-to-rollback steps of all jobs run one at a time (downloads run side by side)."""
 
@@ -266,8 +277,9 @@ class UpdateService:
             "from_version": job.from_version, "ts": round(time.time(), 3),
         }  # fmt: skip
         if job.state is State.DOWNLOADING:
+            receiver = self._receivers.get(job.id)
             done = sum(bin(byte).count("1") for byte in job.have)
-            doc["percent"] = 100 * done // max(1, job.offer.blocks)
+            doc["percent"] = receiver.percent if receiver else 100 * done // max(1, job.offer.blocks)
         if job.reason and job.state is not State.COMMITTED:
             doc["reason"] = job.reason
         try:
@@ -277,6 +289,8 @@ class UpdateService:
 
     def _error(self, job_id: str | None, model: str | None, message: str) -> None:
         key = job_id or ""
+        if len(self._error_counts) > 4096:  # many distinct stray job ids: forget, stay bounded
+            self._error_counts.clear()
         self._error_counts[key] += 1
         if self._error_counts[key] > _ERRORS_PER_JOB:
             return

@@ -136,6 +136,7 @@ class BlockReceiver:
                     self._ask(following)
                 if not following or self._unsaved_bytes() >= self.save_bytes:
                     self._commit_window()
+                self._progress(self.job)
                 wanted = following
         finally:
             fd, self._fd = self._fd, None
@@ -189,7 +190,6 @@ class BlockReceiver:
         os.fsync(self._fd)
         self.job.have = written
         self._persist(self.job)
-        self._progress(self.job)
 
     @property
     def percent(self) -> int:
