@@ -158,12 +158,13 @@ def restart_at_half(
     watcher.subscribe(f"edge/{DEVICE}/update/jobs/+/block", on_block, qos=0)
     watcher.start()
     assert watcher.wait_connected(10)
-    state = {"broker": broker}
+    state: dict = {"broker": broker}
 
     def restart() -> None:
         seen.wait(120)
-        state["broker"].terminate()
+        state["broker"].kill()  # at once: what is in flight is lost
         state["broker"].wait(10)
+        state["seen"] = count[0]
         time.sleep(1.0)
         state["broker"] = _restart_broker(directory, port)
 
@@ -172,6 +173,9 @@ def restart_at_half(
     result = flash(f"127.0.0.1:{port}", DEVICE, prepared, timeout=600)
     chaos.join(30)
     watcher.stop(timeout=1.0)
+    print(
+        f"\nbroker killed and restarted after {state.get('seen')} of {prepared.offer.blocks} blocks went by"
+    )
     return result, state["broker"]
 
 
@@ -284,7 +288,7 @@ def report(
     raw = variants["4"].read_bytes()
     result, broker = restart_at_half(port, broker, folder, raw, block)
     assert result.state == "committed", result.reason
-    print(f"\nbroker restarted after half of the blocks went by: {result.blocks_resent} of {result.blocks} blocks re-sent "
+    print(f"re-sent after the restart: {result.blocks_resent} of {result.blocks} blocks re-sent "
           f"({result.blocks_resent * block:,} bytes of {len(raw):,}; window 16 blocks), final state {result.state}")  # fmt: skip
     broker.terminate()
     print(f"sha256 of the pushed bundle: {hashlib.sha256(raw).hexdigest()[:16]}...")

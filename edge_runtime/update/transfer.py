@@ -134,8 +134,11 @@ class BlockReceiver:
                 following = missing_blocks(self._received, self.offer.blocks, self.window)
                 if following:  # the next window travels while this one is fsynced
                     self._ask(following)
-                if not following or self._unsaved_bytes() >= self.save_bytes:
-                    self._commit_window()
+                if not following:  # done: fsync; the machine saves the job as it enters verifying
+                    self._commit_window(save=False)
+                    break
+                if self._unsaved_bytes() >= self.save_bytes:
+                    self._commit_window(save=True)
                 self._progress(self.job)
                 wanted = following
         finally:
@@ -182,14 +185,15 @@ class BlockReceiver:
             )
         return count * self.offer.block_size
 
-    def _commit_window(self) -> None:
-        """fsync the part file, then persist which blocks it holds."""
+    def _commit_window(self, *, save: bool) -> None:
+        """fsync the part file, then note (and with `save`, persist) which blocks it holds."""
         assert self._fd is not None
         with self._changed:  # what was written before the fsync starts is what the fsync makes durable
             written = bytearray(self._received)
         os.fsync(self._fd)
         self.job.have = written
-        self._persist(self.job)
+        if save:
+            self._persist(self.job)
 
     @property
     def percent(self) -> int:
