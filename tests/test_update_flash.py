@@ -175,7 +175,9 @@ def test_broker_restart_mid_transfer_resumes(daemon, broker, mlp_bundle_factory)
     watcher.close()
     assert restarted_at and restarted_at[0] < prepared.offer.blocks, restarted_at  # mid-transfer
     assert result.state == "committed", result.reason
-    print(f"broker restarted after {restarted_at[0]} blocks: {result.blocks_resent} blocks sent twice")
+    print(f"broker restarted after {restarted_at[0]} blocks: {result.blocks_resent} blocks sent twice, "
+          f"{result.duplicates} received twice")  # fmt: skip
+    assert result.duplicates <= 16, f"the device received {result.duplicates} blocks twice"
     assert result.blocks_sent == prepared.offer.blocks + result.blocks_resent
     assert result.blocks_resent <= 16, f"{result.blocks_resent} blocks sent twice; the window is 16"
     assert daemon.serving({"2": big}) == "2"

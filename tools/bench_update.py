@@ -288,8 +288,10 @@ def report(
     raw = variants["4"].read_bytes()
     result, broker = restart_at_half(port, broker, folder, raw, block)
     assert result.state == "committed", result.reason
-    print(f"re-sent after the restart: {result.blocks_resent} of {result.blocks} blocks re-sent "
-          f"({result.blocks_resent * block:,} bytes of {len(raw):,}; window 16 blocks), final state {result.state}")  # fmt: skip
+    print(f"re-sent after the restart: {result.blocks_resent} of {result.blocks} blocks asked for and sent again "
+          f"({result.blocks_resent * block:,} bytes of {len(raw):,}; window 16 blocks); the device received "
+          f"{result.duplicates} blocks twice ({result.duplicates * block:,} bytes, MQTT redelivery included); "
+          f"final state {result.state}")  # fmt: skip
     broker.terminate()
     print(f"sha256 of the pushed bundle: {hashlib.sha256(raw).hexdigest()[:16]}...")
 

@@ -159,6 +159,8 @@ class FlashResult:
     blocks_resent: int = 0
     """Blocks sent more than once (each extra send counted)."""
     bytes_sent: int = 0
+    duplicates: int = 0
+    """Blocks the device received twice (counted by the device: includes MQTT-level redelivery)."""
     reports: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -237,6 +239,9 @@ class _Session:
         self.result.reports.append(report)
         self.result.state = str(report.get("state"))
         self.result.reason = str(report.get("reason", ""))
+        blocks = report.get("blocks")
+        if isinstance(blocks, dict) and isinstance(blocks.get("duplicate"), int):
+            self.result.duplicates = blocks["duplicate"]
         self.progress(self.result, report)
         if self.result.state in TERMINAL_REPORTS:
             self.done.set()

@@ -128,6 +128,8 @@ class Job:
     have: bytearray = field(default_factory=bytearray)
     """Bitmap of the payload blocks written and fsynced (bit i of byte i // 8, LSB first)."""
     history: list[State] = field(default_factory=list)
+    blocks: dict[str, int] = field(default_factory=dict)
+    """Block counts of the download: received, duplicate (arrived twice), bad (failed its sha256)."""
     updated: float = field(default_factory=time.time)
 
     @property
@@ -145,7 +147,7 @@ class Job:
         return {
             "offer": self.offer.to_dict(), "state": self.state.value, "reason": self.reason,
             "from_version": self.from_version, "preinstalled": self.preinstalled, "have": self.have.hex(),
-            "history": [state.value for state in self.history], "updated": self.updated,
+            "history": [state.value for state in self.history], "blocks": self.blocks, "updated": self.updated,
         }  # fmt: skip
 
     @classmethod
@@ -162,6 +164,7 @@ class Job:
             preinstalled=bool(doc.get("preinstalled", False)),
             have=bytearray.fromhex(str(doc.get("have", ""))),
             history=[State(value) for value in doc.get("history", [])],
+            blocks={str(key): int(value) for key, value in dict(doc.get("blocks") or {}).items()},
             updated=float(doc.get("updated", 0.0)),
         )
 

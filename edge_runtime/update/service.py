@@ -280,6 +280,8 @@ class UpdateService:
             receiver = self._receivers.get(job.id)
             done = sum(bin(byte).count("1") for byte in job.have)
             doc["percent"] = receiver.percent if receiver else 100 * done // max(1, job.offer.blocks)
+        if job.blocks:
+            doc["blocks"] = dict(job.blocks)
         if job.reason and job.state is not State.COMMITTED:
             doc["reason"] = job.reason
         try:

@@ -79,8 +79,9 @@ class BlockReceiver:
         self._changed = threading.Condition()
         self._kick = False
         self._abort: str | None = None
-        self.bad_blocks = 0
         self.requests = 0
+        for key in ("received", "duplicate", "bad"):
+            job.blocks.setdefault(key, 0)
 
     # -- fed from MQTT worker threads --------------------------------------------------------
     def receive(self, index: int, data: bytes) -> None:
@@ -90,10 +91,11 @@ class BlockReceiver:
             raise RequestError(f"block {index} is out of range (job {offer.job} has {offer.blocks} blocks)")
         with self._changed:
             if has_block(self._received, index):
-                return  # a duplicate (re-sent after a stall): nothing to do
+                self._count("duplicate")  # re-sent after a stall or a reconnect: nothing to do
+                return
         payload = decode_block_data(data, offer.compression, offer.block_length(index))
         if hashlib.sha256(payload).hexdigest() != offer.block_sha256[index]:
-            self.bad_blocks += 1
+            self._count("bad")
             with self._changed:
                 self._kick = True  # ask for it again now
                 self._changed.notify_all()
@@ -103,7 +105,11 @@ class BlockReceiver:
                 return
             os.pwrite(self._fd, payload, index * offer.block_size)
             _set(self._received, index)
+            self._count("received")
             self._changed.notify_all()
+
+    def _count(self, what: str) -> None:
+        self.job.blocks[what] = self.job.blocks.get(what, 0) + 1
 
     def wake(self) -> None:
         """The link is back: ask for the current window again at once."""
