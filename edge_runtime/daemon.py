@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # imported in start() only when enabled: a disabled transport
     from edge_runtime.transports.mqtt.infer import MqttService
     from edge_runtime.transports.mqtt.link import MqttLink
     from edge_runtime.transports.mqtt.sender import OutboxSender
+    from edge_runtime.update.service import UpdateService
 
 __all__ = ["Daemon", "sd_notify"]
 
@@ -99,6 +100,8 @@ class Daemon:
         self.sender: OutboxSender | None = None
         self.service: MqttService | None = None
         self.telemetry: TelemetryLoop | None = None
+        self.store: ModelStore | None = None
+        self.updates: UpdateService | None = None
         self.failures: list[LoadFailure] = []
         self.outbox_reset: OutboxReset | None = None
         """Set when the outbox file was unusable at start (moved aside, or records kept in memory)."""
@@ -178,7 +181,8 @@ class Daemon:
         settings = self.settings
         profile = load_profile(settings.profile)
         self.registry = ModelRegistry(profile)
-        self.failures = self.registry.load_all(self._open_store())
+        self.store = self._open_store()
+        self.failures = self.registry.load_all(self.store)
         self.dataplane = DataPlane(
             self.registry,
             max_request_bytes=settings.max_request_bytes,
@@ -279,15 +283,30 @@ class Daemon:
             on_queued=sender.notify,
             outbox_stats=sender.stats,
         )
+        self._start_updates(link)
         link.start()
         sender.start()
         self.telemetry.start()
+
+    def _start_updates(self, link: MqttLink) -> None:
+        """The model-update service on the update topics; unfinished jobs in its journal resume."""
+        from edge_runtime.transports.mqtt.update import UpdateChannel
+        from edge_runtime.update.service import UpdateService
+
+        assert self.store is not None and self.registry is not None and self.dataplane is not None
+        dataplane = self.dataplane
+        self.updates = UpdateService(
+            self.store, self.registry, UpdateChannel(link, self.topics),
+            model_stats=lambda name: dataplane.metrics.snapshot()["models"].get(name),
+        )  # fmt: skip
+        self.updates.start()
 
     def stop(self) -> None:
         """Stop in reverse order: telemetry, outbox sender, MQTT (publishing `offline`), outbox, HTTP."""
         self._stopping = True
         steps = [
             ("telemetry", self.telemetry.stop if self.telemetry else None),
+            ("updates", self.updates.stop if self.updates else None),
             ("outbox-sender", self.sender.stop if self.sender else None),
             ("mqtt", self.link.stop if self.link else None),
             ("outbox", self.outbox.close if self.outbox else None),

@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "store": ("edge_runtime.cli.store:store", "Install, list, activate and roll back models in a store."),
     "serve": ("edge_runtime.cli.serve:serve", "Run the on-device daemon (HTTP v2 + MQTT)."),
     "predict": ("edge_runtime.cli.predict:predict", "Send one inference request over HTTP or MQTT."),
+    "flash": ("edge_runtime.cli.flash:flash", "Push a bundle to devices over MQTT (A/B, trial, rollback)."),
+    "rollback": ("edge_runtime.cli.flash:rollback", "Return a device's model to its previous version."),
+    "models": ("edge_runtime.cli.flash:models", "Show what a device has installed, active and serving."),
 }
 
 

@@ -13,6 +13,7 @@
      │    └── PayloadTooLarge      the request is over the size limit (413)
      ├── NotFoundError             no such model or version (404)
      ├── InternalError             a bug or an engine failure while answering a request (500)
+ ├── UpdateError               a device failed or rolled back a model update
      └── TransientError            the operation may succeed if retried (broker down, ...)
           └── UnavailableError     the model exists but cannot serve right now (503)
 
@@ -37,6 +38,7 @@ __all__ = [
     "SignatureError",
     "TransientError",
     "UnavailableError",
+    "UpdateError",
     "UsageError",
 ]
 
@@ -120,3 +122,7 @@ class InternalError(EdgeError):
     """A bug or an engine failure while answering a request; the server answers 500 and keeps serving."""
 
     status = 500
+
+
+class UpdateError(EdgeError):
+    """A device refused, failed or rolled back a model update (the running version is untouched)."""

@@ -7,7 +7,12 @@ Layout, rooted at ``edge/<device_id>/``::
     reply/<model>          default reply topic when a request names none
     telemetry              periodic device + per-model telemetry (QoS 1, through the outbox)
     events                 model load failures, refused bundles, dropped-telemetry counts
-    update/...             reserved for model updates (not used yet)
+    update/offer           update offers in (JSON, see codecs/update_payloads.py)
+    update/jobs/<job>/get  block requests out (the device pulls the payload a window at a time)
+    update/jobs/<job>/block  payload blocks in (binary)
+    update/state/<model>   retained job-style state of the last update of each model
+    update/error           refused offers and stray blocks (not retained)
+    update/cmd             commands in (models, rollback); answered on update/reply/<token>
     inbox/<client>/...     replies a caller asked for (Response Topic or ``reply_to``)
 
 Stream bindings subscribe and publish to topics named in the configuration; ``{device}`` in
@@ -145,8 +150,52 @@ class DeviceTopics:
         )
 
     def update(self, suffix: str) -> str:
-        """Reserved: a topic under ``update/`` for the future model-update flow."""
+        """A topic under ``update/``."""
         return check_topic(f"{self.base}/update/{suffix}")
+
+    @property
+    def update_offer(self) -> str:
+        """Update offers to this device."""
+        return f"{self.base}/update/offer"
+
+    def update_get(self, job: str) -> str:
+        """Block requests of update job `job` (device to host)."""
+        return f"{self.base}/update/jobs/{check_level(job, 'job id')}/get"
+
+    def update_block(self, job: str) -> str:
+        """Payload blocks of update job `job` (host to device)."""
+        return f"{self.base}/update/jobs/{check_level(job, 'job id')}/block"
+
+    @property
+    def update_block_filter(self) -> str:
+        """Filter matching the block topic of every job."""
+        return f"{self.base}/update/jobs/+/block"
+
+    def update_state(self, model: str) -> str:
+        """Retained update state of `model`."""
+        return f"{self.base}/update/state/{check_level(model, 'model name')}"
+
+    @property
+    def update_errors(self) -> str:
+        """Refused offers and stray update messages."""
+        return f"{self.base}/update/error"
+
+    @property
+    def update_cmd(self) -> str:
+        """Update commands (models, rollback)."""
+        return f"{self.base}/update/cmd"
+
+    def update_reply(self, token: str) -> str:
+        """Where the answer to the command carrying `token` goes."""
+        return f"{self.base}/update/reply/{check_level(token, 'reply token')}"
+
+    def job_of(self, topic: str) -> str | None:
+        """The job named by a block topic, or None if `topic` is not one."""
+        prefix = f"{self.base}/update/jobs/"
+        if not topic.startswith(prefix) or not topic.endswith("/block"):
+            return None
+        job = topic[len(prefix) : -len("/block")]
+        return job if job and "/" not in job else None
 
     def model_of(self, topic: str) -> str | None:
         """The model named by an inference request topic, or None if `topic` is not one."""
