@@ -219,6 +219,8 @@ def _reshape(array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray
     """`array` in `shape` (one -1 allowed), or a RequestError naming the sizes."""
     if not shape:
         return array
+    if shape.count(-1) > 1 or any(dim < -1 for dim in shape):
+        raise RequestError(f"{what}: shape {list(shape)} may hold one -1 and no other negative size")
     fixed = math.prod(dim for dim in shape if dim != -1)
     if (-1 in shape and (fixed == 0 or array.size % fixed)) or (-1 not in shape and array.size != fixed):
         raise RequestError(f"{what}: {array.size} values do not fit shape {list(shape)}")
