@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from compressor.progress import Terminated, library_logs_to, scratch_folder
 from edge_runtime.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from compressor.pipeline import CompressionResult
+    from edge_runtime.config.profiles import DeviceProfile
 
 __all__ = ["compress", "demo"]
 
@@ -60,6 +67,11 @@ def _echo(line: str) -> None:
     "--chart", type=click.Path(path_type=Path), help="With --search: write the candidates as a PNG."
 )
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
+@click.option(
+    "--log-file",
+    type=click.Path(path_type=Path),
+    help="Where ONNX Runtime's and TensorFlow's own messages go (default: OUTPUT.log, kept only if non-empty).",
+)
 def compress(
     model: Path,
     profile_name: str,
@@ -76,64 +88,46 @@ def compress(
     search: bool | None,
     chart: Path | None,
     force: bool,
+    log_file: Path | None,
 ) -> None:
     """Compress an ONNX MODEL for a device profile into a signed bundle, and print the measured report."""
-    from compressor.bundling import write_result_bundle
-    from compressor.data import load_dataset, split
-    from compressor.onnx_model import load_model, tensor_specs
-    from compressor.pipeline import compress as run_compress
-    from edge_runtime.artifact.report_text import format_report
     from edge_runtime.artifact.signing import load_private_key
     from edge_runtime.config.profiles import load_profile
 
-    if output.exists() and not force:
-        raise UsageError(f"{output} already exists (use --force to overwrite)")
-    if not output.parent.is_dir():
-        raise UsageError(f"output folder {output.parent} does not exist")
+    check_output_path(output, force)
+    if chart is not None:
+        check_output_path(chart, force=True)
     profile = load_profile(profile_name)
-    private_key = load_private_key(key_path)
-    original = load_model(model)
-    inputs = tensor_specs(list(original.graph.input), {init.name for init in original.graph.initializer})
-    data = load_dataset(calibration, inputs, labels if validation is None else None)
-    if validation is None:
-        calibration_set, validation_set = split(data)
-    else:
-        calibration_set, validation_set = data, load_dataset(validation, inputs, labels)
-    for note in data.notes:
-        _echo(f"note: {note}")
-    int8_options = {"calibrate_method": calibrate_method, "allow_int8_compute": not float_compute}
     searching = (profile.compression.search and not recipe) if search is None else search
     if searching and recipe:
         raise UsageError("--recipe and --search exclude each other: a search tries its own recipes")
     if chart and not searching:
         raise UsageError("--chart draws the candidates of a recipe search: add --search")
-    if searching:
-        from compressor.recipe import Recipe, candidate_recipes, search_recipes
+    passes = _recipe_passes(recipe, profile)
+    private_key = load_private_key(key_path)
+    log_path = log_file or output.with_name(output.name + ".log")
+    try:
+        with scratch_folder() as scratch, library_logs_to(log_path) as write:
+            result = _run(
+                model,
+                profile,
+                calibration,
+                validation,
+                labels,
+                passes,
+                searching,
+                {"calibrate_method": calibrate_method, "allow_int8_compute": not float_compute},
+                scratch,
+                write,
+            )
+    except Terminated as exc:
+        click.echo(f"error: stopped by {exc}; temporary files removed, nothing written", err=True)
+        raise click.exceptions.Exit(128 + exc.signum) from None
+    if log_path.exists():
+        _echo(f"library messages (ONNX Runtime, TensorFlow) are in {log_path}")
+    from compressor.bundling import write_result_bundle
+    from edge_runtime.artifact.report_text import format_report
 
-        candidates = [
-            Recipe(r.name, r.passes, {**r.options, "int8": int8_options}) for r in candidate_recipes(profile)
-        ]
-        result = search_recipes(
-            model,
-            profile,
-            calibration_set.samples,
-            validation=validation_set.samples,
-            labels=validation_set.labels,
-            recipes=candidates,
-            log=_echo,
-        ).chosen
-    else:
-        passes = tuple(part.strip() for part in recipe.split(",")) if recipe else None
-        result = run_compress(
-            model,
-            profile,
-            calibration_set.samples,
-            validation=validation_set.samples,
-            labels=validation_set.labels,
-            recipe=passes,
-            pass_options={"int8": int8_options},
-            log=_echo,
-        )
     write_result_bundle(
         result,
         output,
@@ -149,6 +143,88 @@ def compress(
 
         click.echo(f"wrote chart {write_search_chart(result.report, chart)}")
     click.echo(f"wrote {output} ({output.stat().st_size} bytes)")
+
+
+def check_output_path(path: Path, force: bool) -> None:
+    """Refuse, before any work, an output path that is a folder, exists (without --force) or
+    cannot be written."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give the file to write (e.g. {path / 'model.edgebundle'})")
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists (use --force to overwrite)")
+    if not path.parent.is_dir():
+        raise UsageError(f"output folder {path.parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write to {path.parent}: {exc.strerror or exc}") from exc
+
+
+def _recipe_passes(recipe: str | None, profile: DeviceProfile) -> tuple[str, ...] | None:
+    """The passes of `--recipe`, checked (known, libraries installed) before any work."""
+    from compressor.passes import check_recipe
+    from compressor.pipeline import default_recipe
+
+    passes = tuple(part.strip() for part in recipe.split(",") if part.strip()) if recipe else None
+    check_recipe(passes if passes is not None else default_recipe(profile))
+    return passes
+
+
+def _run(
+    model: Path,
+    profile: DeviceProfile,
+    calibration: Path,
+    validation: Path | None,
+    labels: Path | None,
+    passes: tuple[str, ...] | None,
+    searching: bool,
+    int8_options: dict[str, Any],
+    scratch: Path,
+    write: Callable[[str], None],
+) -> CompressionResult:
+    """Load the model and data, then compress (one recipe, or a search over candidates)."""
+    from compressor.data import load_dataset, split
+    from compressor.onnx_model import load_model, tensor_specs
+    from compressor.pipeline import compress as run_compress
+
+    original = load_model(model)
+    inputs = tensor_specs(list(original.graph.input), {init.name for init in original.graph.initializer})
+    data = load_dataset(calibration, inputs, labels if validation is None else None)
+    if validation is None:
+        calibration_set, validation_set = split(data)
+    else:
+        calibration_set, validation_set = data, load_dataset(validation, inputs, labels)
+    for note in data.notes:
+        write(f"note: {note}")
+    if searching:
+        from compressor.recipe import Recipe, candidate_recipes, search_recipes
+
+        candidates = [
+            Recipe(r.name, r.passes, {**r.options, "int8": int8_options})
+            for r in candidate_recipes(profile, log=write)
+        ]
+        return search_recipes(
+            model,
+            profile,
+            calibration_set.samples,
+            validation=validation_set.samples,
+            labels=validation_set.labels,
+            recipes=candidates,
+            workdir=scratch,
+            log=write,
+        ).chosen
+    return run_compress(
+        model,
+        profile,
+        calibration_set.samples,
+        validation=validation_set.samples,
+        labels=validation_set.labels,
+        recipe=passes,
+        pass_options={"int8": int8_options},
+        workdir=scratch,
+        log=write,
+    )
 
 
 @click.command()

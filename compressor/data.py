@@ -125,6 +125,12 @@ def check_samples(samples: list[Feed], inputs: Sequence[TensorSpec], source: str
                 note = f"'{spec.name}' cast to {spec.dtype}"
                 if note not in notes:
                     notes.append(note)
+            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+                raise DataError(
+                    f"{source}: sample {index} input '{spec.name}' holds {bad} NaN or infinite "
+                    f"value(s); calibration and validation data must be finite"
+                )
             if len(spec.shape) != value.ndim or any(
                 isinstance(want, int) and want > 0 and want != got
                 for want, got in zip(spec.shape, value.shape, strict=True)

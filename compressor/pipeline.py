@@ -15,8 +15,9 @@ import onnx
 
 from compressor.measure import compare_latency, fidelity, make_session, meets_budgets, run_all
 from compressor.onnx_model import load_model, op_counts, tensor_specs
-from compressor.passes import DEFAULT_RECIPE, create_pass
+from compressor.passes import DEFAULT_RECIPE, check_recipe, create_pass
 from compressor.passes.base import CompressionContext
+from compressor.progress import Progress
 from edge_runtime.artifact.golden import GoldenCase
 from edge_runtime.artifact.manifest import GoldenSpec
 from edge_runtime.config.profiles import DeviceProfile, Engine
@@ -80,12 +81,15 @@ def compress(
     log: Callable[[str], Any] = print,
     seed: int = 0,
     enforce_budgets: bool = True,
+    show_progress: bool = True,
 ) -> CompressionResult:
     """Compress `model_path` for `profile`, measure it against the original, enforce the budgets.
 
     `recipe` names the passes in order (default: the profile's); with `enforce_budgets=False` a
     model that misses a budget is returned with the failures in its report instead of refused.
     """
+    passes = tuple(recipe or default_recipe(profile))
+    check_recipe(passes)
     original = load_model(Path(model_path))
     if validation is None:
         raise DataError("validation samples are required (held-out data to measure fidelity)")
@@ -102,9 +106,10 @@ def compress(
             log=log,
             options=dict(pass_options or {}),
         )
+        progress = Progress(len(passes), log) if show_progress else None
         model, reports = original, list[dict[str, Any]]()
         artifact: tuple[bytes, str] | None = None
-        for name in recipe or default_recipe(profile):
+        for name in passes:
             step = create_pass(name, **dict(ctx.options.get(name, {})))
             if not step.supports(model):
                 if name == "tflite":
@@ -116,7 +121,10 @@ def compress(
                     )
                 log(f"{name}: nothing to do for this model")
                 continue
-            log(f"{name}: running")
+            if progress is None:
+                log(f"{name}: running")
+            else:
+                progress.step(f"pass {name}")
             result = step.run(model, ctx)
             model, reports = result.model, [*reports, result.report]
             if result.artifact is not None:
