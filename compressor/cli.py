@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from compressor.progress import Terminated, library_logs_to, scratch_folder
+from compressor.tasks import TaskConfig
 from edge_runtime.core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -57,7 +59,20 @@ def _echo(line: str) -> None:
     show_default=True,
 )
 @click.option("--float-compute", is_flag=True, help="Store weights int8 but never compute in int8.")
-@click.option("--recipe", help="Passes in order, e.g. prepare,distill,int8 (default: the profile's).")
+@click.option(
+    "--recipe",
+    help="Passes in order, e.g. prepare,distill,int8, or a .toml recipe (passes, tasks, metric, options).",
+)
+@click.option(
+    "--task",
+    "task_options",
+    multiple=True,
+    metavar="OUTPUT=KIND[:MIN]",
+    help="How to judge an output: classes, ctc, detection, embedding, decision, regression "
+    "(default: guessed from its shape); MIN is its budget on that task's metric. Repeatable.",
+)
+@click.option("--metric", help="Your own metric, module:function(reference, candidate, labels) -> float.")
+@click.option("--metric-min", type=float, help="Budget for --metric (default: the profile's pp budget).")
 @click.option(
     "--search/--no-search",
     default=None,
@@ -89,6 +104,9 @@ def compress(
     chart: Path | None,
     force: bool,
     log_file: Path | None,
+    task_options: tuple[str, ...],
+    metric: str | None,
+    metric_min: float | None,
 ) -> None:
     """Compress an ONNX MODEL for a device profile into a signed bundle, and print the measured report."""
     from edge_runtime.artifact.signing import load_private_key
@@ -98,28 +116,20 @@ def compress(
     if chart is not None:
         check_output_path(chart, force=True)
     profile = load_profile(profile_name)
-    searching = (profile.compression.search and not recipe) if search is None else search
-    if searching and recipe:
-        raise UsageError("--recipe and --search exclude each other: a search tries its own recipes")
+    passes, tasks, pass_options = _recipe(recipe, task_options, metric, metric_min, profile)
+    searching = (profile.compression.search and passes is None) if search is None else search
+    if searching and passes is not None:
+        raise UsageError("--recipe passes and --search exclude each other: a search tries its own recipes")
     if chart and not searching:
         raise UsageError("--chart draws the candidates of a recipe search: add --search")
-    passes = _recipe_passes(recipe, profile)
     private_key = load_private_key(key_path)
     log_path = log_file or output.with_name(output.name + ".log")
     try:
         with scratch_folder() as scratch, library_logs_to(log_path) as write:
-            result = _run(
-                model,
-                profile,
-                calibration,
-                validation,
-                labels,
-                passes,
-                searching,
-                {"calibrate_method": calibrate_method, "allow_int8_compute": not float_compute},
-                scratch,
-                write,
-            )
+            int8_options = {"calibrate_method": calibrate_method, "allow_int8_compute": not float_compute}
+            pass_options = {**pass_options, "int8": {**int8_options, **pass_options.get("int8", {})}}
+            job = _Job(model, profile, passes, searching, pass_options, tasks, scratch, write)
+            result = _run(job, calibration, validation, labels)
     except Terminated as exc:
         click.echo(f"error: stopped by {exc}; temporary files removed, nothing written", err=True)
         raise click.exceptions.Exit(128 + exc.signum) from None
@@ -161,69 +171,98 @@ def check_output_path(path: Path, force: bool) -> None:
         raise UsageError(f"cannot write to {path.parent}: {exc.strerror or exc}") from exc
 
 
-def _recipe_passes(recipe: str | None, profile: DeviceProfile) -> tuple[str, ...] | None:
-    """The passes of `--recipe`, checked (known, libraries installed) before any work."""
+def _recipe(
+    recipe: str | None,
+    task_options: tuple[str, ...],
+    metric: str | None,
+    metric_min: float | None,
+    profile: DeviceProfile,
+) -> tuple[tuple[str, ...] | None, TaskConfig, dict[str, dict[str, Any]]]:
+    """Passes, tasks and pass options from --recipe (a list or a .toml file), --task and --metric,
+    all checked (passes known, their libraries installed) before any work."""
     from compressor.passes import check_recipe
     from compressor.pipeline import default_recipe
+    from compressor.recipe_file import load_recipe_file
+    from compressor.tasks import load_metric, parse_task_option
 
-    passes = tuple(part.strip() for part in recipe.split(",") if part.strip()) if recipe else None
+    passes: tuple[str, ...] | None = None
+    tasks, options = TaskConfig(), dict[str, dict[str, Any]]()
+    if recipe and recipe.endswith(".toml"):
+        loaded = load_recipe_file(Path(recipe))
+        passes, tasks = loaded.passes, loaded.tasks
+        options = {name: dict(values) for name, values in loaded.options.items()}
+    elif recipe:
+        passes = tuple(part.strip() for part in recipe.split(",") if part.strip())
     check_recipe(passes if passes is not None else default_recipe(profile))
-    return passes
+    specs = dict(tasks.specs) | dict(parse_task_option(text) for text in task_options)
+    if metric_min is not None and metric is None and tasks.metric is None:
+        raise UsageError("--metric-min is the budget of --metric: give --metric module:function too")
+    custom = load_metric(metric, metric_min) if metric else tasks.metric
+    return passes, TaskConfig(specs=specs, metric=custom), options
 
 
-def _run(
-    model: Path,
-    profile: DeviceProfile,
-    calibration: Path,
-    validation: Path | None,
-    labels: Path | None,
-    passes: tuple[str, ...] | None,
-    searching: bool,
-    int8_options: dict[str, Any],
-    scratch: Path,
-    write: Callable[[str], None],
-) -> CompressionResult:
-    """Load the model and data, then compress (one recipe, or a search over candidates)."""
+@dataclass(frozen=True)
+class _Job:
+    """What to run once the data is loaded."""
+
+    model: Path
+    profile: DeviceProfile
+    passes: tuple[str, ...] | None
+    searching: bool
+    pass_options: dict[str, dict[str, Any]]
+    tasks: TaskConfig
+    scratch: Path
+    write: Callable[[str], None]
+
+
+def _check_task_outputs(tasks: TaskConfig, outputs: list[str]) -> None:
+    unknown = sorted(set(tasks.specs) - set(outputs))
+    if unknown:
+        raise UsageError(
+            f"--task '{unknown[0]}': the model has no such output (outputs: {', '.join(outputs)})"
+        )
+
+
+def _run(job: _Job, calibration: Path, validation: Path | None, labels: Path | None) -> CompressionResult:
+    """Load the model and data (three disjoint splits), then compress: one recipe, or a search."""
     from compressor.data import load_dataset, split
     from compressor.onnx_model import load_model, tensor_specs
     from compressor.pipeline import compress as run_compress
 
-    original = load_model(model)
+    original = load_model(job.model)
+    _check_task_outputs(job.tasks, [out.name for out in original.graph.output])
     inputs = tensor_specs(list(original.graph.input), {init.name for init in original.graph.initializer})
     data = load_dataset(calibration, inputs, labels if validation is None else None)
-    if validation is None:
-        calibration_set, validation_set = split(data)
+    if validation is None:  # half calibrates; the other half selects (1/4) and reports (1/4)
+        calibration_set, validation_set = split(data, held_out=0.5)
     else:
         calibration_set, validation_set = data, load_dataset(validation, inputs, labels)
     for note in data.notes:
-        write(f"note: {note}")
-    if searching:
+        job.write(f"note: {note}")
+    common: dict[str, Any] = {
+        "validation": validation_set.samples,
+        "labels": validation_set.labels,
+        "tasks": job.tasks,
+        "workdir": job.scratch,
+        "log": job.write,
+    }
+    if job.searching:
         from compressor.recipe import Recipe, candidate_recipes, search_recipes
 
         candidates = [
-            Recipe(r.name, r.passes, {**r.options, "int8": int8_options})
-            for r in candidate_recipes(profile, log=write)
+            Recipe(r.name, r.passes, {**job.pass_options, **r.options, "int8": job.pass_options["int8"]})
+            for r in candidate_recipes(job.profile, log=job.write)
         ]
         return search_recipes(
-            model,
-            profile,
-            calibration_set.samples,
-            validation=validation_set.samples,
-            labels=validation_set.labels,
-            recipes=candidates,
-            workdir=scratch,
-            log=write,
+            job.model, job.profile, calibration_set.samples, recipes=candidates, **common
         ).chosen
     return run_compress(
-        model,
-        profile,
+        job.model,
+        job.profile,
         calibration_set.samples,
-        validation=validation_set.samples,
-        labels=validation_set.labels,
-        recipe=passes,
-        pass_options={"int8": int8_options},
-        workdir=scratch,
-        log=write,
+        recipe=job.passes,
+        pass_options=job.pass_options,
+        **common,
     )
 
 

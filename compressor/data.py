@@ -11,10 +11,21 @@ import numpy as np
 from edge_runtime.core.errors import DataError
 from edge_runtime.core.types import TensorSpec
 
-__all__ = ["LABELS_KEY", "Dataset", "check_samples", "load_dataset", "split"]
+__all__ = [
+    "LABELS_KEY",
+    "MIN_REPORT_SAMPLES",
+    "Dataset",
+    "check_samples",
+    "load_dataset",
+    "split",
+    "split_selection",
+]
 
 LABELS_KEY = "labels"
 """An .npz array under this name (when no model input has it) holds class ids, one per sample."""
+
+MIN_REPORT_SAMPLES = 30
+"""Below this many report samples the report warns that its shares move by several points per sample."""
 
 Feed = dict[str, np.ndarray]
 SAFE_CASTS = {("float64", "float32"), ("float16", "float32"), ("int32", "int64"), ("int64", "int32")}
@@ -154,3 +165,18 @@ def split(dataset: Dataset, held_out: float = 0.25, seed: int = 0) -> tuple[Data
     calibration = Dataset([dataset.samples[i] for i in cal_idx], None if labels is None else labels[cal_idx])
     validation = Dataset([dataset.samples[i] for i in val_idx], None if labels is None else labels[val_idx])
     return calibration, validation
+
+
+def split_selection(
+    samples: Sequence[Feed], labels: np.ndarray | None, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """Split held-out data into a selection half (every measured choice) and a report half (only the
+    final numbers); with fewer than 4 samples both are the same samples, and the report says so."""
+    if len(samples) < 4:
+        note = (
+            f"only {len(samples)} held-out samples: the report is measured on the samples that drove "
+            "the choices (give at least 4, better 60+)"
+        )
+        same = Dataset(list(samples), labels, (note,))
+        return same, same
+    return split(Dataset(list(samples), labels), held_out=0.5, seed=seed + 1)

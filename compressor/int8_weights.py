@@ -1,7 +1,8 @@
 """Int8 weight storage for nodes that compute in float.
 
-A float weight W feeding Conv/ConvTranspose/MatMul/Gemm is stored as per-channel symmetric int8
-plus one float scale per output channel, and rebuilt in the graph as ``Mul(Cast(W_int8), scale)``.
+A float weight W feeding Conv/ConvTranspose/MatMul/Gemm, an embedding table read by Gather, or the
+W/R weights of LSTM/GRU/RNN is stored as per-channel symmetric int8 plus one float scale per output
+channel (per row for a Gather table), and rebuilt in the graph as ``Mul(Cast(W_int8), scale)``.
 Both inputs are constants, so ONNX Runtime's constant folding turns them back into one float
 initializer when the session loads: the file is ~4x smaller and the model runs at fp32 speed.
 (A ``DequantizeLinear`` would not do: ORT deliberately keeps DQ nodes unfolded for QDQ fusion, and
@@ -17,10 +18,26 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["WeightStorageReport", "store_small_floats_fp16", "store_weights_int8", "weight_channel_axis"]
+__all__ = [
+    "WeightStorageReport",
+    "store_small_floats_fp16",
+    "store_weights_int8",
+    "weight_channel_axis",
+    "weight_precisions",
+]
 
-WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}
-"""Op type -> index of the weight input."""
+WEIGHT_OPS: dict[str, frozenset[int]] = {
+    "Conv": frozenset({1}),
+    "ConvTranspose": frozenset({1}),
+    "MatMul": frozenset({1}),
+    "Gemm": frozenset({1}),
+    "Gather": frozenset({0}),
+    "LSTM": frozenset({1, 2}),
+    "GRU": frozenset({1, 2}),
+    "RNN": frozenset({1, 2}),
+}
+"""Op type -> indices of the inputs that hold weights."""
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 MIN_ELEMENTS = 64
 """Smaller weights stay float: the Cast/Mul nodes would cost more bytes than they save."""
 
@@ -47,6 +64,11 @@ def weight_channel_axis(op_type: str, node: onnx.NodeProto, rank: int) -> int:
     if op_type == "Gemm":
         trans_b = next((attr.i for attr in node.attribute if attr.name == "transB"), 0)
         return 0 if trans_b else 1
+    if op_type == "Gather":  # one scale per gathered row (token)
+        axis = next((attr.i for attr in node.attribute if attr.name == "axis"), 0)
+        return axis % rank
+    if op_type in RECURRENT_OPS:  # W/R: [directions, gates x hidden, inputs]
+        return 1
     return rank - 1  # MatMul: B is [..., K, N]
 
 
@@ -74,10 +96,10 @@ def _weight_consumers(graph: onnx.GraphProto, initializer_names: set[str]) -> di
 
 
 def _is_weight_input(node: onnx.NodeProto, name: str) -> bool:
-    """Whether `name` is read by `node` exactly once, as its weight input."""
-    position = WEIGHT_OPS.get(node.op_type)
+    """Whether `name` is read by `node` exactly once, as one of its weight inputs."""
+    positions = WEIGHT_OPS.get(node.op_type, frozenset())
     inputs = list(node.input)
-    return position is not None and inputs.count(name) == 1 and inputs.index(name) == position
+    return inputs.count(name) == 1 and inputs.index(name) in positions
 
 
 def store_weights_int8(
@@ -162,3 +184,38 @@ def store_small_floats_fp16(model: onnx.ModelProto, min_elements: int = 16) -> t
         del graph.node[:]
         graph.node.extend(cast_nodes + existing)
     return result, saved
+
+
+_PRECISIONS = {
+    TensorProto.FLOAT: "fp32",
+    TensorProto.FLOAT16: "fp16",
+    TensorProto.BFLOAT16: "bf16",
+    TensorProto.INT8: "int8",
+    TensorProto.UINT8: "int8",
+    TensorProto.INT4: "int4",
+    TensorProto.UINT4: "int4",
+}
+
+
+def weight_precisions(model: onnx.ModelProto, min_elements: int = 16) -> dict[str, dict[str, float]]:
+    """Weights by storage precision: element count, stored bytes, and share of all weight elements.
+
+    Weights are the float and low-bit tensors of the graph (initializers and Constant nodes) with at
+    least `min_elements` elements; shapes, indices and quantization scales are not counted."""
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if node.op_type == "Constant" and a.name == "value"]
+    totals: dict[str, list[int]] = {}
+    for tensor in tensors:
+        precision = _PRECISIONS.get(tensor.data_type)
+        elements = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if precision is None or elements < min_elements:
+            continue
+        stored = len(tensor.raw_data) or numpy_helper.to_array(tensor).nbytes
+        entry = totals.setdefault(precision, [0, 0])
+        entry[0], entry[1] = entry[0] + elements, entry[1] + stored
+    everything = sum(elements for elements, _ in totals.values()) or 1
+    return {
+        precision: {"elements": elements, "bytes": stored, "share": elements / everything}
+        for precision, (elements, stored) in sorted(totals.items())
+    }

@@ -18,6 +18,7 @@ import numpy as np
 from compressor.passes import REQUIRES, missing_modules
 from compressor.pipeline import CompressionResult, compress, default_recipe
 from compressor.progress import Progress
+from compressor.tasks import TaskConfig
 from edge_runtime.config.profiles import DeviceProfile
 from edge_runtime.core.errors import BudgetError, CompressionError, ModelError, UsageError
 
@@ -109,6 +110,7 @@ def search_recipes(
     *,
     validation: Sequence[Mapping[str, np.ndarray]],
     labels: np.ndarray | None = None,
+    tasks: TaskConfig | None = None,
     recipes: Sequence[Recipe] | None = None,
     workdir: Path | None = None,
     log: Callable[[str], Any] = print,
@@ -128,6 +130,7 @@ def search_recipes(
                 calibration,
                 validation=validation,
                 labels=labels,
+                tasks=tasks,
                 workdir=workdir,
                 recipe=recipe.passes,
                 pass_options=recipe.options,
