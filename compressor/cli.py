@@ -15,6 +15,9 @@ from compressor.tasks import TaskConfig
 from edge_runtime.core.errors import UsageError
 
 if TYPE_CHECKING:
+    import onnx
+
+    from compressor.data import Dataset
     from compressor.pipeline import CompressionResult
     from edge_runtime.config.profiles import DeviceProfile
 
@@ -71,6 +74,14 @@ def _echo(line: str) -> None:
     help="How to judge an output: classes, ctc, detection, embedding, decision, regression "
     "(default: guessed from its shape); MIN is its budget on that task's metric. Repeatable.",
 )
+@click.option(
+    "--state-from",
+    "state_pairs",
+    multiple=True,
+    metavar="INPUT=OUTPUT",
+    help="Stateful model: feed each sample's INPUT with the OUTPUT the model produced for the sample "
+    "before it (the data files in stream order). Repeatable.",
+)
 @click.option("--metric", help="Your own metric, module:function(reference, candidate, labels) -> float.")
 @click.option("--metric-min", type=float, help="Budget for --metric (default: the profile's pp budget).")
 @click.option(
@@ -107,6 +118,7 @@ def compress(
     task_options: tuple[str, ...],
     metric: str | None,
     metric_min: float | None,
+    state_pairs: tuple[str, ...],
 ) -> None:
     """Compress an ONNX MODEL for a device profile into a signed bundle, and print the measured report."""
     from edge_runtime.artifact.signing import load_private_key
@@ -128,7 +140,8 @@ def compress(
         with scratch_folder() as scratch, library_logs_to(log_path) as write:
             int8_options = {"calibrate_method": calibrate_method, "allow_int8_compute": not float_compute}
             pass_options = {**pass_options, "int8": {**int8_options, **pass_options.get("int8", {})}}
-            job = _Job(model, profile, passes, searching, pass_options, tasks, scratch, write)
+            states = _state_pairs(state_pairs)
+            job = _Job(model, profile, passes, searching, pass_options, tasks, states, scratch, write)
             result = _run(job, calibration, validation, labels)
     except Terminated as exc:
         click.echo(f"error: stopped by {exc}; temporary files removed, nothing written", err=True)
@@ -211,8 +224,44 @@ class _Job:
     searching: bool
     pass_options: dict[str, dict[str, Any]]
     tasks: TaskConfig
+    states: dict[str, str]
     scratch: Path
     write: Callable[[str], None]
+
+
+def _state_pairs(texts: tuple[str, ...]) -> dict[str, str]:
+    pairs = {}
+    for text in texts:
+        state_input, sep, state_output = text.partition("=")
+        if not sep or not state_input or not state_output:
+            raise UsageError(f"--state-from {text!r}: expected INPUT=OUTPUT, e.g. state=stateN")
+        pairs[state_input] = state_output
+    return pairs
+
+
+def _with_states(job: _Job, original: onnx.ModelProto, data: Dataset) -> Dataset:
+    """The data with each state input carried from the model's own state output (--state-from)."""
+    if not job.states:
+        return data
+    from compressor.data import Dataset, carry_states
+    from compressor.measure import make_session
+
+    inputs = {value.name for value in original.graph.input}
+    outputs = [value.name for value in original.graph.output]
+    for state_input, state_output in job.states.items():
+        if state_input not in inputs or state_output not in outputs:
+            raise UsageError(
+                f"--state-from {state_input}={state_output}: the model has inputs {', '.join(sorted(inputs))} "
+                f"and outputs {', '.join(outputs)}"
+            )
+    session = make_session(original.SerializeToString(), job.profile)
+    samples = carry_states(
+        data.samples, lambda feed: dict(zip(outputs, session.run(None, feed), strict=True)), job.states
+    )
+    job.write(
+        f"note: states {', '.join(job.states)} carried from the model's own outputs over {len(samples)} samples"
+    )
+    return Dataset(samples, data.labels, data.notes)
 
 
 def _check_task_outputs(tasks: TaskConfig, outputs: list[str]) -> None:
@@ -232,11 +281,14 @@ def _run(job: _Job, calibration: Path, validation: Path | None, labels: Path | N
     original = load_model(job.model)
     _check_task_outputs(job.tasks, [out.name for out in original.graph.output])
     inputs = tensor_specs(list(original.graph.input), {init.name for init in original.graph.initializer})
-    data = load_dataset(calibration, inputs, labels if validation is None else None)
+    data = _with_states(
+        job, original, load_dataset(calibration, inputs, labels if validation is None else None)
+    )
     if validation is None:  # half calibrates; the other half selects (1/4) and reports (1/4)
         calibration_set, validation_set = split(data, held_out=0.5)
     else:
-        calibration_set, validation_set = data, load_dataset(validation, inputs, labels)
+        calibration_set = data
+        validation_set = _with_states(job, original, load_dataset(validation, inputs, labels))
     for note in data.notes:
         job.write(f"note: {note}")
     common: dict[str, Any] = {
