@@ -22,6 +22,7 @@ __all__ = [
     "WeightStorageReport",
     "store_small_floats_fp16",
     "store_weights_int8",
+    "subgraphs",
     "weight_channel_axis",
     "weight_precisions",
 ]
@@ -102,54 +103,72 @@ def _is_weight_input(node: onnx.NodeProto, name: str) -> bool:
     return inputs.count(name) == 1 and inputs.index(name) in positions
 
 
-def store_weights_int8(
-    model: onnx.ModelProto, skip: frozenset[str] = frozenset(), only: frozenset[str] | None = None
-) -> tuple[onnx.ModelProto, WeightStorageReport]:
-    """A copy of `model` whose float conv/matmul weights are stored as int8 + per-channel scale."""
-    result = copy.deepcopy(model)
-    graph = result.graph
+def subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """Every graph nested in `graph`'s nodes (If branches, Loop and Scan bodies), depth first."""
+    found = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            nested = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for sub in nested:
+                found += [sub, *subgraphs(sub)]
+    return found
+
+
+@dataclass
+class _Tally:
+    converted: list[str]
+    float_bytes: int = 0
+    int8_bytes: int = 0
+    worst: float = float("inf")
+
+
+def _store_in_graph(
+    graph: onnx.GraphProto, skip: frozenset[str], only: frozenset[str] | None, tally: _Tally
+) -> None:
+    """Convert, in place, the weights `graph` itself holds (not those of nested graphs)."""
     initializers = {init.name: init for init in graph.initializer}
     consumers = _weight_consumers(graph, set(initializers))
     new_nodes: list[onnx.NodeProto] = []
-    converted: list[str] = []
-    float_bytes = int8_bytes = 0
-    worst = float("inf")
     for name, init in initializers.items():
         users = consumers.get(name, [])
-        if (
-            name in skip
-            or (only is not None and name not in only)
-            or init.data_type != TensorProto.FLOAT
-            or not users
-        ):
+        if name in skip or (only is not None and name not in only) or init.data_type != TensorProto.FLOAT:
             continue
-        if not all(_is_weight_input(user, name) for user in users):
+        if not users or not all(_is_weight_input(user, name) for user in users):
             continue
         weight = numpy_helper.to_array(init)
-        if weight.size < MIN_ELEMENTS or weight.ndim < 2:
-            continue
-        axes = {weight_channel_axis(u.op_type, u, weight.ndim) for u in users}
-        if len(axes) != 1:
+        axes = {weight_channel_axis(u.op_type, u, weight.ndim) for u in users} if weight.ndim >= 2 else set()
+        if weight.size < MIN_ELEMENTS or len(axes) != 1:
             continue
         quantized, scale, sqnr = _quantize_per_channel(weight, axes.pop())
         graph.initializer.remove(init)
         graph.initializer.extend(
-            [
-                numpy_helper.from_array(quantized, f"{name}_i8"),
-                numpy_helper.from_array(scale, f"{name}_s"),
-            ]
+            [numpy_helper.from_array(quantized, f"{name}_i8"), numpy_helper.from_array(scale, f"{name}_s")]
         )
         new_nodes.append(helper.make_node("Cast", [f"{name}_i8"], [f"{name}_f"], to=TensorProto.FLOAT))
         new_nodes.append(helper.make_node("Mul", [f"{name}_f", f"{name}_s"], [name]))
-        converted.append(name)
-        float_bytes += weight.nbytes
-        int8_bytes += quantized.nbytes + scale.nbytes
-        worst = min(worst, sqnr)
+        tally.converted.append(name)
+        tally.float_bytes += weight.nbytes
+        tally.int8_bytes += quantized.nbytes + scale.nbytes
+        tally.worst = min(tally.worst, sqnr)
     if new_nodes:
         existing = list(graph.node)
         del graph.node[:]
         graph.node.extend(new_nodes + existing)
-    report = WeightStorageReport(len(converted), tuple(converted), float_bytes, int8_bytes, worst)
+
+
+def store_weights_int8(
+    model: onnx.ModelProto, skip: frozenset[str] = frozenset(), only: frozenset[str] | None = None
+) -> tuple[onnx.ModelProto, WeightStorageReport]:
+    """A copy of `model` whose float weights (see WEIGHT_OPS) are stored as int8 + per-channel scale,
+    in the main graph and in nested graphs (If branches, loop bodies) alike."""
+    result = copy.deepcopy(model)
+    tally = _Tally(converted=[])
+    # Nested graphs first, deepest first: rewriting a graph's node list copies the graphs inside it.
+    for graph in [*reversed(subgraphs(result.graph)), result.graph]:
+        _store_in_graph(graph, skip, only, tally)
+    report = WeightStorageReport(
+        len(tally.converted), tuple(tally.converted), tally.float_bytes, tally.int8_bytes, tally.worst
+    )
     return result, report
 
 
@@ -197,14 +216,28 @@ _PRECISIONS = {
 }
 
 
+def _scale_names(graph: onnx.GraphProto) -> set[str]:
+    """Scales of int8 weights: the Mul partner of a Cast from int8, and (De)QuantizeLinear scales."""
+    int8 = {
+        init.name for init in graph.initializer if init.data_type in (TensorProto.INT8, TensorProto.UINT8)
+    }
+    cast_of_int8 = {node.output[0] for node in graph.node if node.op_type == "Cast" and node.input[0] in int8}
+    rebuilt = {n.input[1] for n in graph.node if n.op_type == "Mul" and n.input[0] in cast_of_int8}
+    qdq = {n.input[1] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    return rebuilt | qdq
+
+
 def weight_precisions(model: onnx.ModelProto, min_elements: int = 16) -> dict[str, dict[str, float]]:
     """Weights by storage precision: element count, stored bytes, and share of all weight elements.
 
     Weights are the float and low-bit tensors of the graph (initializers and Constant nodes) with at
     least `min_elements` elements; shapes, indices and quantization scales are not counted."""
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        tensors += [a.t for a in node.attribute if node.op_type == "Constant" and a.name == "value"]
+    tensors = []
+    for graph in [model.graph, *subgraphs(model.graph)]:
+        scales = _scale_names(graph)
+        tensors += [init for init in graph.initializer if init.name not in scales]
+        for node in graph.node:
+            tensors += [a.t for a in node.attribute if node.op_type == "Constant" and a.name == "value"]
     totals: dict[str, list[int]] = {}
     for tensor in tensors:
         precision = _PRECISIONS.get(tensor.data_type)

@@ -31,7 +31,8 @@ __all__ = ["CompressionResult", "compress", "default_recipe", "host_cpu"]
 
 GOLDEN_CASES = 4
 SLOWER_TOLERANCE = 1.10
-"""Latency ratio above which a compressed ONNX model counts as slower than its original."""
+"""Latency ratio above which, in every one of the repeated timing runs, a compressed ONNX model
+counts as slower than its original (one run above it is the noise of a shared host)."""
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,10 @@ def compress(
     if labels is not None and len(labels) != len(validation):
         raise DataError(f"{len(labels)} labels for {len(validation)} validation samples")
     if report_samples is None:
-        selection, held = split_selection(validation, labels, seed)
+        selection, held = split_selection([dict(feed) for feed in validation], labels, seed)
     else:
-        selection, held = Dataset(list(validation), labels), Dataset(list(report_samples), report_labels)
+        selection = Dataset([dict(feed) for feed in validation], labels)
+        held = Dataset([dict(feed) for feed in report_samples], report_labels)
     with tempfile.TemporaryDirectory(prefix="edge-compress-", dir=workdir) as scratch:
         ctx = CompressionContext(
             profile=profile,
@@ -246,7 +248,7 @@ def _finish(
         "passes": reports,
     }
     _check_budgets(report, result_fidelity, profile)
-    golden_feeds = (held.samples + ctx.validation)[:GOLDEN_CASES]
+    golden_feeds = [*held.samples, *ctx.validation][:GOLDEN_CASES]
     golden_outputs = run_all(session, golden_feeds)
     golden = [
         GoldenCase(dict(feed), dict(zip(names, outs, strict=True)))
@@ -298,8 +300,10 @@ def _check_budgets(report: dict[str, Any], result: Any, profile: DeviceProfile) 
         )
     # Same engine: never slower than the original (10% is the timing noise of a shared host). A .tflite
     # runs in another engine than the ORT original, so there the ratio is reported, not enforced.
-    if report["format"] == "onnx" and compressed["latency_ratio"] > SLOWER_TOLERANCE:
+    low, high = compressed["latency_ratio_range"]
+    if report["format"] == "onnx" and low > SLOWER_TOLERANCE:  # slower in every timing run: not noise
         failures.append(
-            f"compressed model is {compressed['latency_ratio']:.2f}x the original's latency (slower)"
+            f"compressed model is {compressed['latency_ratio']:.2f}x the original's latency (slower in "
+            f"every timing run: {low:.2f}x-{high:.2f}x)"
         )
     report["budgets"] = {"met": not failures, "failures": failures}

@@ -152,3 +152,47 @@ def test_cnn_models_get_no_dynamic_candidate(tmp_path: Path) -> None:
     images = [{"image": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(16)]
     result = compress(path, PROFILE, images[:8], validation=images[8:], log=lambda line: None)
     assert all("dynamic" not in row["label"] for row in _pass_report(result)["candidates"])
+
+
+def _branch(name: str, seed: int) -> onnx.GraphProto:
+    weight = np.random.default_rng(seed).normal(0, 0.3, (64, 32)).astype(np.float32)
+    return helper.make_graph(
+        [helper.make_node("MatMul", ["h", f"{name}_w"], [f"{name}_out"], name=f"{name}_mm")],
+        name,
+        [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1, 32])],
+        initializer=[numpy_helper.from_array(weight, f"{name}_w")],
+    )
+
+
+def test_weights_inside_if_branches_are_stored_int8_too() -> None:
+    """As in Silero VAD, whose LSTM weights live inside If branches: the main graph's rewrite must
+    not drop the branches' conversion (rewriting a node list copies the graphs inside it)."""
+    rng = np.random.default_rng(5)
+    model = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", "w_main"], ["h"], name="main_mm"),
+                helper.make_node(
+                    "If", ["flag"], ["y"], then_branch=_branch("then", 1), else_branch=_branch("else", 2)
+                ),
+            ],
+            "branches",
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16]),
+                helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+            initializer=[numpy_helper.from_array(rng.normal(0, 0.3, (16, 64)).astype(np.float32), "w_main")],
+        ),
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    model.ir_version = 7
+    converted, report = store_weights_int8(model)
+    assert set(report.names) == {"w_main", "then_w", "else_w"}
+    assert weight_precisions(converted)["int8"]["share"] == 1.0
+    for flag in (True, False):
+        feed = {"x": rng.normal(size=(1, 16)).astype(np.float32), "flag": np.array(flag)}
+        before = make_session(model.SerializeToString(), PROFILE).run(None, feed)[0]
+        after = make_session(converted.SerializeToString(), PROFILE).run(None, feed)[0]
+        np.testing.assert_allclose(after, before, rtol=0.05, atol=0.05)
