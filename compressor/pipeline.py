@@ -27,7 +27,7 @@ from edge_runtime.config.profiles import DeviceProfile, Engine
 from edge_runtime.core.errors import BudgetError, CompressionError, DataError
 from edge_runtime.core.types import TensorSpec
 
-__all__ = ["CompressionResult", "compress", "default_recipe", "host_cpu"]
+__all__ = ["CompressionResult", "compress", "default_recipe", "host_cpu", "target_steps"]
 
 GOLDEN_CASES = 4
 SLOWER_TOLERANCE = 1.10
@@ -163,13 +163,19 @@ def _run_passes(
     return model, reports, artifact
 
 
+def target_steps(profile: DeviceProfile) -> tuple[str, ...]:
+    """The passes that make the profile engine's artifact, always last in a recipe: int8 for ONNX
+    Runtime; static shapes (simplify) then a full-integer .tflite for TFLite."""
+    if profile.runtime.engine is Engine.TFLITE:
+        return ("simplify", "tflite")
+    return DEFAULT_RECIPE[1:]
+
+
 def default_recipe(profile: DeviceProfile) -> tuple[str, ...]:
     """The passes a profile runs when no recipe is given."""
     if profile.compression.recipe:
         return profile.compression.recipe
-    if profile.runtime.engine is Engine.TFLITE:
-        return ("prepare", "tflite")
-    return DEFAULT_RECIPE
+    return ("prepare", *target_steps(profile))
 
 
 def _check_format(artifact_format: str, profile: DeviceProfile) -> None:

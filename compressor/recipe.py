@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from compressor.passes import REQUIRES, missing_modules
-from compressor.pipeline import CompressionResult, compress, default_recipe
+from compressor.pipeline import CompressionResult, compress, default_recipe, target_steps
 from compressor.progress import Progress
 from compressor.tasks import TaskConfig
 from edge_runtime.config.profiles import DeviceProfile
@@ -58,11 +58,14 @@ def candidate_recipes(
             missing = ", ".join(missing_modules(REQUIRES["distill"][0]))
             log(f"note: no distilled candidates: they need {missing} ({REQUIRES['distill'][1]})")
     base = default_recipe(profile)
-    prefix, final = base[:-1], base[-1]
+    tail = target_steps(profile)
+    if base[-len(tail) :] != tail:  # a profile recipe ending otherwise: its last pass is the target
+        tail = base[-1:]
+    prefix, final = base[: -len(tail)], tail[-1]
     recipes = [Recipe(final, base)]
     recipes += [
         Recipe(
-            f"prune {sparsity:.0%} + {final}", (*prefix, "prune", final), {"prune": {"sparsity": sparsity}}
+            f"prune {sparsity:.0%} + {final}", (*prefix, "prune", *tail), {"prune": {"sparsity": sparsity}}
         )
         for sparsity in spec.sparsities
     ]
@@ -70,12 +73,12 @@ def candidate_recipes(
         for width in spec.distill_widths:
             options = {"width": width, "epochs": spec.distill_epochs}
             recipes.append(
-                Recipe(f"distill w{width:g} + {final}", (*prefix, "distill", final), {"distill": options})
+                Recipe(f"distill w{width:g} + {final}", (*prefix, "distill", *tail), {"distill": options})
             )
             recipes += [
                 Recipe(
                     f"distill w{width:g} + prune {ratio:.0%} channels + {final}",
-                    (*prefix, "distill", "structured_prune", final),
+                    (*prefix, "distill", "structured_prune", *tail),
                     {"distill": options, "structured_prune": {"ratio": ratio}},
                 )
                 for ratio in spec.prune_ratios

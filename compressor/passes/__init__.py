@@ -29,6 +29,12 @@ def _prepare() -> Pass:
     return Prepare()
 
 
+def _simplify() -> Pass:
+    from compressor.passes.simplify import Simplify
+
+    return Simplify()
+
+
 def _int8(**options: Any) -> Pass:
     from compressor.passes.quantize import Int8Options, Int8Quantization
 
@@ -61,6 +67,7 @@ def _tflite(**options: Any) -> Pass:
 
 REGISTRY: dict[str, Callable[..., Pass]] = {
     "prepare": _prepare,
+    "simplify": _simplify,
     "distill": _distill,
     "structured_prune": _structured_prune,
     "prune": _prune,
@@ -70,7 +77,7 @@ REGISTRY: dict[str, Callable[..., Pass]] = {
 """Pass name -> factory taking the pass's keyword options. Modules load only when a pass is made."""
 
 DEFAULT_RECIPE = ("prepare", "int8")
-"""For ONNX Runtime profiles; TFLite profiles end with "tflite" instead of "int8"."""
+"""For ONNX Runtime profiles; TFLite profiles run prepare, simplify, tflite."""
 
 
 _TORCH = ("torch", "torch_pruning", "onnx2torch")
@@ -81,6 +88,7 @@ REQUIRES: dict[str, tuple[tuple[str, ...], str]] = {
         "pip install 'edge-runtime[distill]' && pip install --no-deps onnx2torch==1.5.15",
     ),
     "tflite": (("tensorflow",), "pip install 'edge-runtime[tflite-export]'"),
+    "simplify": (("onnxslim",), "pip install 'edge-runtime[tflite-export]'"),
 }
 """Pass name -> (modules it imports, how to install them), checked before any work starts."""
 
