@@ -337,15 +337,27 @@ def _score_ctc(ref: Outputs, cand: Outputs, spec: TaskSpec) -> tuple[float, dict
 
 
 def _score_regression(ref: Outputs, cand: Outputs, pooled: bool) -> tuple[float, dict[str, float]]:
-    cosines, max_abs = [], 0.0
+    """Mean cosine per sample (per pooled row for embeddings) and the largest absolute error. A
+    reference that is all zeros (an empty detection map) has no direction: the candidate scores 1
+    there when it stays within 1% of the typical reference norm of zero, else 0."""
+    rows_ref, rows_cand, max_abs = [], [], 0.0
     for r, c in zip(ref, cand, strict=True):
         if pooled and r.ndim == 3:
             r, c = r.mean(axis=1), c.mean(axis=1)
         flat_r, flat_c = (r, c) if pooled else (r.reshape(1, -1), c.reshape(1, -1))
-        cosines.extend(_cosine_rows(flat_r, flat_c).tolist())
+        rows_ref.append(flat_r.reshape(-1, flat_r.shape[-1]).astype(np.float64))
+        rows_cand.append(flat_c.reshape(-1, flat_c.shape[-1]).astype(np.float64))
         if r.size:
             max_abs = max(max_abs, float(np.max(np.abs(r.astype(np.float64) - c))))
-    return float(np.mean(cosines)) if cosines else 1.0, {"max_abs_error": max_abs}
+    if not rows_ref:
+        return 1.0, {"max_abs_error": max_abs}
+    a, b = np.concatenate(rows_ref), np.concatenate(rows_cand)
+    norms = np.linalg.norm(a, axis=-1)
+    typical = float(np.median(norms[norms > 0])) if np.any(norms > 0) else 1.0
+    cosines = _cosine_rows(a, b)
+    empty = norms == 0
+    cosines[empty] = (np.linalg.norm(b[empty], axis=-1) <= 0.01 * typical).astype(np.float64)
+    return float(np.mean(cosines)), {"max_abs_error": max_abs}
 
 
 def score_output(

@@ -308,3 +308,14 @@ def test_cli_metric_plugin_task_option_and_toml_recipe(
     )
     absent = _cli(ws, "--metric", "no_such_module_xyz:f")
     assert absent.exit_code == 2 and "cannot import no_such_module_xyz" in absent.output
+
+
+def test_an_empty_reference_map_counts_as_kept_when_the_candidate_stays_empty() -> None:
+    maps = [np.zeros((1, 1, 8, 8), np.float32), np.full((1, 1, 8, 8), 0.5, np.float32)]
+    quiet = [maps[0] + 1e-6, maps[1]]
+    loud = [maps[0] + 0.3, maps[1]]
+    spec = TaskConfig(specs={"map": TaskSpec(TaskKind.REGRESSION)})
+    assert (
+        fidelity([[m] for m in maps], [[m] for m in quiet], names=["map"], tasks=spec).tasks[0].value == 1.0
+    )
+    assert fidelity([[m] for m in maps], [[m] for m in loud], names=["map"], tasks=spec).tasks[0].value == 0.5
