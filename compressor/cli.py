@@ -40,7 +40,8 @@ def _echo(line: str) -> None:
 @click.option(
     "--validation",
     type=click.Path(path_type=Path),
-    help="Held-out samples for the report (default: 25% of --calibration, never used to calibrate).",
+    help="Held-out samples, split into a selection half (every choice) and a report half (default: half "
+    "of --calibration; neither is ever used to calibrate).",
 )
 @click.option("--labels", type=click.Path(path_type=Path), help=".npy class ids for the validation samples.")
 @click.option(

@@ -138,3 +138,28 @@ def test_streaming_vad_calibrates_from_one_batched_feed_with_its_own_states(tmp_
     produced = np.array([ours.run(None, f)[0].item() for f in feeds])
     assert np.mean((reference > 0.5) == (produced > 0.5)) >= 0.98
     assert np.mean((reference > 0.5) == voiced) > 0.6  # the stream is one the model hears as speech/silence
+
+
+def test_mobilenet_style_classifier_converts_to_full_integer_tflite(tmp_path: Path) -> None:
+    """The PP-OCR text-direction classifier flattens through `Shape`; simplify (onnxslim, shapes from
+    the data) folds it, so the TFLite target converts it and the runtime's LiteRT backend runs it."""
+    calibration, _ = text_direction_dataset(32, seed=51)
+    validation, labels = text_direction_dataset(80, seed=52)
+    profile = load_profile("raspberry-pi-zero-2w")
+    result = compress(
+        ppocr_model("cls"),
+        profile,
+        calibration,
+        validation=validation,
+        labels=labels,
+        recipe=("prepare", "simplify", "tflite"),
+        workdir=tmp_path,
+        log=lambda line: None,
+    )
+    assert result.artifact_format == "tflite" and result.model_bytes[4:8] == b"TFL3"
+    compressed = result.report["compressed"]
+    accuracy = next(t for t in compressed["fidelity"]["tasks"] if t["metric"] == "accuracy")
+    assert accuracy["reference"] - accuracy["value"] <= profile.budgets.max_accuracy_drop_pp / 100
+    assert compressed["size_ratio"] >= 2.0
+    simplify = next(step for step in result.report["passes"] if step["pass"] == "simplify")
+    assert "Shape" in simplify["ops_before"] and "Shape" not in simplify["ops_after"]
