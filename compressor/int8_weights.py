@@ -217,14 +217,25 @@ _PRECISIONS = {
 
 
 def _scale_names(graph: onnx.GraphProto) -> set[str]:
-    """Scales of int8 weights: the Mul partner of a Cast from int8, and (De)QuantizeLinear scales."""
-    int8 = {
+    """Scales of low-bit weights: the float partner of a Mul fed by values rebuilt from an int8 or
+    packed 4-bit initializer, and (De)QuantizeLinear scales."""
+    low_bit = {
         init.name for init in graph.initializer if init.data_type in (TensorProto.INT8, TensorProto.UINT8)
     }
-    cast_of_int8 = {node.output[0] for node in graph.node if node.op_type == "Cast" and node.input[0] in int8}
-    rebuilt = {n.input[1] for n in graph.node if n.op_type == "Mul" and n.input[0] in cast_of_int8}
-    qdq = {n.input[1] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
-    return rebuilt | qdq
+    derived = set(low_bit)
+    names = set()
+    for node in graph.node:  # our rebuild nodes come first, in order
+        rescale = node.op_type == "Mul" and len(node.input) == 2 and node.input[0] in derived
+        if rescale or (node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 1):
+            names.add(node.input[1])
+        elif node.input and any(name in derived for name in node.input):
+            derived.update(node.output)
+    return names
+
+
+def _packed_int4(graph: onnx.GraphProto) -> set[str]:
+    """uint8 initializers holding two 4-bit values per byte (read by BitShift: see int4_weights)."""
+    return {node.input[0] for node in graph.node if node.op_type == "BitShift"}
 
 
 def weight_precisions(model: onnx.ModelProto, min_elements: int = 16) -> dict[str, dict[str, float]]:
@@ -232,9 +243,10 @@ def weight_precisions(model: onnx.ModelProto, min_elements: int = 16) -> dict[st
 
     Weights are the float and low-bit tensors of the graph (initializers and Constant nodes) with at
     least `min_elements` elements; shapes, indices and quantization scales are not counted."""
-    tensors = []
+    tensors, packed = [], set[str]()
     for graph in [model.graph, *subgraphs(model.graph)]:
         scales = _scale_names(graph)
+        packed |= _packed_int4(graph)
         tensors += [init for init in graph.initializer if init.name not in scales]
         for node in graph.node:
             tensors += [a.t for a in node.attribute if node.op_type == "Constant" and a.name == "value"]
@@ -242,6 +254,8 @@ def weight_precisions(model: onnx.ModelProto, min_elements: int = 16) -> dict[st
     for tensor in tensors:
         precision = _PRECISIONS.get(tensor.data_type)
         elements = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if tensor.name in packed:
+            precision, elements = "int4", 2 * elements
         if precision is None or elements < min_elements:
             continue
         stored = len(tensor.raw_data) or numpy_helper.to_array(tensor).nbytes
