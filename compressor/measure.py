@@ -4,16 +4,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from compressor.tasks import (
+    COSINE_TASKS,
+    CustomMetric,
+    TaskConfig,
+    TaskKind,
+    TaskScore,
+    TaskSpec,
+    guess_task,
+    score_output,
+)
 from edge_runtime.config.profiles import Budgets, DeviceProfile
-from edge_runtime.core.errors import DataError, ModelError
-from edge_runtime.engines.selftest import is_class_scores
+from edge_runtime.core.errors import DataError, ModelError, UsageError
 
-__all__ = ["Fidelity", "compare_latency", "fidelity", "make_session", "meets_budgets", "run_all"]
+__all__ = [
+    "Fidelity",
+    "budget_failures",
+    "compare_latency",
+    "fidelity",
+    "make_session",
+    "meets_budgets",
+    "run_all",
+    "timed_ratios",
+]
 
 Samples = Sequence[Mapping[str, np.ndarray]]
 
@@ -49,21 +68,28 @@ def run_all(session: ort.InferenceSession, samples: Samples) -> list[list[np.nda
 
 @dataclass(frozen=True)
 class Fidelity:
-    """How closely a candidate's outputs follow the reference model's."""
+    """How closely a candidate's outputs follow the reference model's, by task and overall."""
 
     cosine: float
-    """Smallest (over outputs) mean per-sample cosine similarity."""
+    """Smallest (over outputs) mean per-sample cosine similarity of the raw outputs."""
     max_abs_error: float
     top1_agreement: float | None
-    """Share of arg-max decisions equal to the reference's (classifier-like outputs only)."""
+    """Smallest share of arg-max decisions equal to the reference's, over class-score outputs."""
     accuracy: float | None
-    """Task accuracy of the candidate against labels (first classifier output), when labels are given."""
+    """Task accuracy of the candidate against labels (first class-score output), when labels are given."""
     regression_cosine: float | None = None
-    """Smallest mean cosine over the outputs that are not class scores (maps, embeddings, boxes)."""
+    """Smallest task cosine over embedding and regression outputs."""
+    tasks: tuple[TaskScore, ...] = ()
+    """The score of every output on its task metric (plus the user's metric): what budgets judge."""
 
-    def to_dict(self) -> dict[str, float | None]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return asdict(self)
+        data = {name: getattr(self, name) for name in _SCALARS}
+        data["tasks"] = [score.to_dict() for score in self.tasks]
+        return data
+
+
+_SCALARS = ("cosine", "max_abs_error", "top1_agreement", "accuracy", "regression_cosine")
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,47 +101,96 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def fidelity(
-    reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]], labels: np.ndarray | None = None
+    reference: list[list[np.ndarray]],
+    candidate: list[list[np.ndarray]],
+    labels: np.ndarray | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    tasks: TaskConfig | None = None,
 ) -> Fidelity:
-    """Compare candidate outputs with reference outputs sample by sample."""
+    """Compare candidate outputs with reference outputs sample by sample, each output by its task."""
+    tasks = tasks or TaskConfig()
+    count = len(reference[0]) if reference else 0
+    names = list(names) if names is not None else [f"output{i}" for i in range(count)]
+    scores: list[TaskScore] = []
     cosines: list[float] = []
-    regression: list[float] = []
-    max_abs = 0.0
-    agree = total = correct = 0
-    for output_index in range(len(reference[0])):
-        per_sample = []
-        for ref_outputs, cand_outputs in zip(reference, candidate, strict=True):
-            ref, cand = ref_outputs[output_index], cand_outputs[output_index]
-            if ref.dtype.kind != "f":
-                per_sample.append(1.0 if np.array_equal(ref, cand) else 0.0)
-                continue
-            per_sample.append(_cosine(ref, cand))
-            max_abs = max(max_abs, float(np.max(np.abs(ref.astype(np.float64) - cand))) if ref.size else 0.0)
-            if is_class_scores(ref):
-                agree += int(np.sum(ref.argmax(-1) == cand.argmax(-1)))
-                total += int(np.prod(ref.shape[:-1]))
+    for index, name in enumerate(names):
+        ref = [outputs[index] for outputs in reference]
+        cand = [outputs[index] for outputs in candidate]
+        spec = tasks.specs.get(name)
+        scores.append(
+            score_output(name, ref, cand, spec or TaskSpec(guess_task(name, ref[0])), guessed=spec is None)
+        )
+        per_sample = [
+            _cosine(r, c) if r.dtype.kind == "f" else float(np.array_equal(r, c))
+            for r, c in zip(ref, cand, strict=True)
+        ]
         cosines.append(float(np.mean(per_sample)))
-        if not is_class_scores(reference[0][output_index]):
-            regression.append(cosines[-1])
     accuracy = None
     if labels is not None:
-        predictions = np.concatenate([_first_classifier(outputs).argmax(-1).ravel() for outputs in candidate])
-        correct = int(np.sum(predictions[: len(labels)] == np.asarray(labels).ravel()[: len(predictions)]))
-        accuracy = correct / max(len(labels), 1)
+        accuracy_score = _accuracy(names, reference, candidate, scores, labels)
+        scores.append(accuracy_score)
+        accuracy = accuracy_score.value
+    if tasks.metric is not None:
+        scores.append(_custom(tasks.metric, names, reference, candidate, labels))
+    classes = [s.value for s in scores if s.task == TaskKind.CLASSES and s.metric != "accuracy"]
+    regression = [s.value for s in scores if s.task in COSINE_TASKS]
+    max_abs = max(
+        (
+            float(np.max(np.abs(r.astype(np.float64) - c)))
+            for rs, cs in zip(reference, candidate, strict=True)
+            for r, c in zip(rs, cs, strict=True)
+            if r.dtype.kind == "f" and r.size
+        ),
+        default=0.0,
+    )
     return Fidelity(
         cosine=min(cosines) if cosines else 1.0,
         max_abs_error=max_abs,
-        top1_agreement=agree / total if total else None,
+        top1_agreement=min(classes) if classes else None,
         accuracy=accuracy,
         regression_cosine=min(regression) if regression else None,
+        tasks=tuple(scores),
     )
 
 
-def _first_classifier(outputs: list[np.ndarray]) -> np.ndarray:
-    for output in outputs:
-        if is_class_scores(output):
-            return output
-    raise DataError("labels were given but the model has no classifier-like output ([N, classes])")
+def _accuracy(
+    names: Sequence[str],
+    reference: list[list[np.ndarray]],
+    candidate: list[list[np.ndarray]],
+    scores: Sequence[TaskScore],
+    labels: np.ndarray,
+) -> TaskScore:
+    """Accuracy against labels of the first class-score output, for the candidate and the reference."""
+    index = next((i for i, s in enumerate(scores) if s.task == TaskKind.CLASSES), None)
+    if index is None:
+        raise DataError("labels were given but the model has no class-score output ([N, classes])")
+    truth = np.asarray(labels).ravel()
+
+    def share(outputs: list[list[np.ndarray]]) -> float:
+        predictions = np.concatenate([o[index].argmax(-1).ravel() for o in outputs])
+        return float(np.sum(predictions[: len(truth)] == truth[: len(predictions)])) / max(len(truth), 1)
+
+    return TaskScore(names[index], TaskKind.CLASSES.value, "accuracy", share(candidate), share(reference))
+
+
+def _custom(
+    metric: CustomMetric,
+    names: Sequence[str],
+    reference: list[list[np.ndarray]],
+    candidate: list[list[np.ndarray]],
+    labels: np.ndarray | None,
+) -> TaskScore:
+    """The user's metric on the candidate, and on the reference itself (its best possible value)."""
+    as_dicts = lambda outputs: [dict(zip(names, o, strict=True)) for o in outputs]  # noqa: E731
+    try:
+        value = float(metric.function(as_dicts(reference), as_dicts(candidate), labels))
+        best = float(metric.function(as_dicts(reference), as_dicts(reference), labels))
+    except Exception as exc:  # a user's function may raise anything: report it as theirs
+        raise UsageError(f"--metric {metric.name} failed: {type(exc).__name__}: {exc}") from exc
+    if not (np.isfinite(value) and np.isfinite(best)):
+        raise UsageError(f"--metric {metric.name} returned a non-finite value ({value}, {best})")
+    return TaskScore("*", "custom", metric.name, value, best, metric.min_score)
 
 
 def compare_latency(
@@ -141,21 +216,76 @@ def compare_latency(
     return {name: float(np.median(values) * 1e3) for name, values in timings.items()}
 
 
-def meets_budgets(result: Fidelity, reference: Fidelity, budgets: Budgets) -> tuple[bool, str]:
-    """Whether a candidate's fidelity fits the profile's accuracy budgets, and if not, why."""
-    if result.accuracy is not None and reference.accuracy is not None:
-        drop = (reference.accuracy - result.accuracy) * 100
-        if drop > budgets.max_accuracy_drop_pp:
-            return False, f"accuracy drops {drop:.2f} pp (budget {budgets.max_accuracy_drop_pp} pp)"
-    elif result.top1_agreement is not None:
-        drop = (1 - result.top1_agreement) * 100
-        if drop > budgets.max_accuracy_drop_pp:
-            return (
-                False,
-                f"top-1 agreement {result.top1_agreement:.2%} (budget: at most {budgets.max_accuracy_drop_pp} pp off)",
-            )
-    # Class scores are judged by accuracy / agreement above; cosine judges the other outputs.
-    cosine = result.regression_cosine
-    if cosine is not None and cosine < budgets.min_output_cosine:
-        return False, f"output cosine {cosine:.4f} below {budgets.min_output_cosine}"
-    return True, ""
+def budget_failures(result: Fidelity, budgets: Budgets) -> list[str]:
+    """Every task-metric budget a candidate misses, each with its numbers."""
+    failures = []
+    labelled = {s.output for s in result.tasks if s.metric == "accuracy"}
+    for score in result.tasks:
+        if score.metric != "accuracy" and score.output in labelled:
+            continue  # with labels, the output is judged by accuracy, not by agreement
+        where = f"{score.output} ({score.task}): {score.metric} {score.value:.4f}"
+        if score.min_score is not None:
+            if score.value < score.min_score:
+                failures.append(f"{where} below its minimum {score.min_score}")
+        elif score.reference is not None:
+            drop = (score.reference - score.value) * 100
+            if drop > budgets.max_accuracy_drop_pp:
+                failures.append(
+                    f"{where}, {drop:.2f} pp below the original (budget {budgets.max_accuracy_drop_pp} pp)"
+                )
+        elif score.task in COSINE_TASKS:
+            if score.value < budgets.min_output_cosine:
+                failures.append(f"{where} below {budgets.min_output_cosine}")
+        elif (1 - score.value) * 100 > budgets.max_accuracy_drop_pp:
+            failures.append(f"{where} (budget: at most {budgets.max_accuracy_drop_pp} pp off)")
+    return failures
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency of candidates relative to a baseline, from several separate interleaved runs."""
+
+    baseline_ms: float
+    median_ms: list[float]
+    ratios: list[float]
+    """Per candidate: median over the runs of its latency / the baseline's in the same run."""
+    ranges: list[tuple[float, float]]
+    """Per candidate: the smallest and largest of those per-run ratios (the noise)."""
+    per_run: list[list[float]]
+
+
+def timed_ratios(
+    baseline: Any,
+    candidates: Sequence[Any],
+    feed: Mapping[str, np.ndarray],
+    *,
+    runs: int = 5,
+    rounds: int = 15,
+) -> Timing:
+    """Time `candidates` against `baseline`, interleaved, in `runs` separate runs (alternating the
+    order), so that a ratio can be told from noise by its spread over the runs."""
+    base_ms: list[float] = []
+    cand_ms: list[list[float]] = [[] for _ in candidates]
+    for run in range(runs):
+        order = ["base", *map(str, range(len(candidates)))]
+        if run % 2:
+            order.reverse()
+        sessions = {key: baseline if key == "base" else candidates[int(key)] for key in order}
+        medians = compare_latency(sessions, feed, rounds=rounds, min_seconds=0.05)
+        base_ms.append(medians["base"])
+        for index in range(len(candidates)):
+            cand_ms[index].append(medians[str(index)])
+    per_run = [[c / b for c, b in zip(ms, base_ms, strict=True)] for ms in cand_ms]
+    return Timing(
+        baseline_ms=float(np.median(base_ms)),
+        median_ms=[float(np.median(ms)) for ms in cand_ms],
+        ratios=[float(np.median(r)) for r in per_run],
+        ranges=[(min(r), max(r)) for r in per_run],
+        per_run=per_run,
+    )
+
+
+def meets_budgets(result: Fidelity, reference: Fidelity | None, budgets: Budgets) -> tuple[bool, str]:
+    """Whether a candidate's task metrics fit the profile's budgets, and if not, why."""
+    failures = budget_failures(result, budgets)
+    return not failures, "; ".join(failures)

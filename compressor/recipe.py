@@ -8,7 +8,6 @@ fits, the refusal names each budget the closest candidate missed, and by how muc
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from compressor.pipeline import CompressionResult, compress, default_recipe
+from compressor.passes import REQUIRES, missing_modules
+from compressor.pipeline import CompressionResult, compress, default_recipe, target_steps
+from compressor.progress import Progress
+from compressor.tasks import TaskConfig
 from edge_runtime.config.profiles import DeviceProfile
-from edge_runtime.core.errors import BudgetError, CompressionError
+from edge_runtime.core.errors import BudgetError, CompressionError, ModelError, UsageError
 
 __all__ = ["Recipe", "SearchOutcome", "candidate_recipes", "search_recipes"]
 
@@ -41,33 +43,42 @@ class SearchOutcome:
 
 
 def _can_distill() -> bool:
-    return all(
-        importlib.util.find_spec(name) is not None for name in ("torch", "torch_pruning", "onnx2torch")
-    )
+    return not missing_modules(REQUIRES["distill"][0])
 
 
-def candidate_recipes(profile: DeviceProfile, *, distill: bool | None = None) -> list[Recipe]:
-    """The candidates the profile's compression settings allow (distillation only with PyTorch)."""
+def candidate_recipes(
+    profile: DeviceProfile, *, distill: bool | None = None, log: Callable[[str], Any] | None = None
+) -> list[Recipe]:
+    """The candidates the profile's compression settings allow (distillation only with PyTorch);
+    `log` hears why a kind of candidate is left out."""
     spec = profile.compression
+    if distill is None:
+        distill = _can_distill()
+        if not distill and spec.distill_widths and log is not None:
+            missing = ", ".join(missing_modules(REQUIRES["distill"][0]))
+            log(f"note: no distilled candidates: they need {missing} ({REQUIRES['distill'][1]})")
     base = default_recipe(profile)
-    prefix, final = base[:-1], base[-1]
+    tail = target_steps(profile)
+    if base[-len(tail) :] != tail:  # a profile recipe ending otherwise: its last pass is the target
+        tail = base[-1:]
+    prefix, final = base[: -len(tail)], tail[-1]
     recipes = [Recipe(final, base)]
     recipes += [
         Recipe(
-            f"prune {sparsity:.0%} + {final}", (*prefix, "prune", final), {"prune": {"sparsity": sparsity}}
+            f"prune {sparsity:.0%} + {final}", (*prefix, "prune", *tail), {"prune": {"sparsity": sparsity}}
         )
         for sparsity in spec.sparsities
     ]
-    if distill if distill is not None else _can_distill():
+    if distill:
         for width in spec.distill_widths:
             options = {"width": width, "epochs": spec.distill_epochs}
             recipes.append(
-                Recipe(f"distill w{width:g} + {final}", (*prefix, "distill", final), {"distill": options})
+                Recipe(f"distill w{width:g} + {final}", (*prefix, "distill", *tail), {"distill": options})
             )
             recipes += [
                 Recipe(
                     f"distill w{width:g} + prune {ratio:.0%} channels + {final}",
-                    (*prefix, "distill", "structured_prune", final),
+                    (*prefix, "distill", "structured_prune", *tail),
                     {"distill": options, "structured_prune": {"ratio": ratio}},
                 )
                 for ratio in spec.prune_ratios
@@ -102,6 +113,7 @@ def search_recipes(
     *,
     validation: Sequence[Mapping[str, np.ndarray]],
     labels: np.ndarray | None = None,
+    tasks: TaskConfig | None = None,
     recipes: Sequence[Recipe] | None = None,
     workdir: Path | None = None,
     log: Callable[[str], Any] = print,
@@ -111,8 +123,9 @@ def search_recipes(
     rows: list[dict[str, Any]] = []
     results: list[tuple[int, CompressionResult]] = []
     candidates = list(recipes or candidate_recipes(profile))
-    for index, recipe in enumerate(candidates):
-        log(f"[{index + 1}/{len(candidates)}] recipe: {recipe.name}")
+    progress = Progress(len(candidates), log)
+    for recipe in candidates:
+        progress.step(f"recipe: {recipe.name}")
         try:
             result = compress(
                 model_path,
@@ -120,21 +133,25 @@ def search_recipes(
                 calibration,
                 validation=validation,
                 labels=labels,
+                tasks=tasks,
                 workdir=workdir,
                 recipe=recipe.passes,
                 pass_options=recipe.options,
                 log=log,
                 seed=seed,
                 enforce_budgets=False,
+                show_progress=False,
             )
-        except BudgetError:
-            raise
-        except CompressionError as exc:
-            log(f"  {recipe.name}: not possible: {exc}")
+        except (CompressionError, ModelError, UsageError) as exc:
+            log(f"  dropped {recipe.name}: cannot be built: {exc}")
             rows.append(_row(recipe, None, str(exc)))
             continue
         rows.append(_row(recipe, result))
         results.append((len(rows) - 1, result))
+        if result.budgets_met:
+            log(f"  {recipe.name}: within every budget ({result.report['compressed']['bytes']} bytes)")
+        else:
+            log(f"  dropped {recipe.name}: {'; '.join(result.report['budgets']['failures'])}")
     fitting = [(i, r) for i, r in results if r.budgets_met]
     if not fitting:
         raise BudgetError(_refusal(profile, rows))

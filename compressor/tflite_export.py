@@ -33,7 +33,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressor.measure import fidelity
 from compressor.onnx_model import tensor_specs
 from compressor.passes._metrics import run_onnx
 from compressor.passes.base import CompressionContext, PassResult, Samples
@@ -479,7 +478,7 @@ class TFLiteExportPass:
         if ctx.validation:
             reference = run_onnx(model, ctx.validation, ctx.profile)
             candidate = run_tflite(data, ctx.validation, model, ctx.profile)
-            report["fidelity"] = fidelity(reference, candidate, ctx.labels).to_dict()
+            report["fidelity"] = ctx.fidelity(reference, candidate).to_dict()
         ctx.log(f"tflite: wrote {path} ({len(data)} bytes)")
         copy = onnx.ModelProto()
         copy.CopyFrom(model)

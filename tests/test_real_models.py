@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto
 
+from compressor.measure import make_session
 from compressor.pipeline import compress
 from edge_runtime.artifact.bundle import read_bundle
 from edge_runtime.cli import cli
@@ -105,3 +106,61 @@ def test_cli_compress_writes_a_bundle_that_verifies(tmp_path: Path) -> None:
     manifest = read_bundle(bundle, None).manifest
     assert manifest.name == "text-direction" and manifest.inputs[0].name == "x"
     assert manifest.report["compressed"]["bytes"] == manifest.files["model.onnx"].size
+
+
+def test_streaming_vad_calibrates_from_one_batched_feed_with_its_own_states(tmp_path: Path) -> None:
+    """Silero VAD (LSTM, If subgraphs, scalar `sr`, state [2, batch, 128]) from the silero-vad wheel:
+    one batched feed, `sr` given once, states carried from the model itself; judged on a stream the
+    compressor never saw by the share of speech decisions identical to fp32's."""
+    from tools.zoo_vad import vad_feeds, vad_model, vad_stream
+
+    feed, _ = vad_stream(160, seed=41)
+    np.savez(tmp_path / "stream.npz", **feed)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["keygen", "-o", str(tmp_path)]).exit_code == 0
+    bundle = tmp_path / "vad.edgebundle"
+    args = ["compress", str(vad_model()), "--profile", "x86-avx2-gateway", "--calibration"]
+    args += [str(tmp_path / "stream.npz"), "--key", str(tmp_path / "signing.key"), "-o", str(bundle)]
+    result = runner.invoke(cli, [*args, "--state-from", "state=stateN", "--task", "output=decision:0.98"])
+    assert result.exit_code == 0, result.output
+    assert "'sr' given once: shared by all 160 samples" in result.output
+    row = next(
+        line for line in result.output.splitlines() if line.startswith("output ") and "decision" in line
+    )
+    assert (
+        "decisions identical" in row and "guessed" not in row and "0.98" in row
+    )  # the named task and its bar
+    model_bytes = read_bundle(bundle, None).model_bytes
+    assert vad_model().stat().st_size / len(model_bytes) >= 2.0  # the LSTM weights inside If branches too
+    fp32 = make_session(vad_model().read_bytes(), load_profile("x86-avx2-gateway"))
+    ours = make_session(model_bytes, load_profile("x86-avx2-gateway"))
+    feeds, voiced = vad_feeds(200, seed=43)
+    reference = np.array([fp32.run(None, f)[0].item() for f in feeds])
+    produced = np.array([ours.run(None, f)[0].item() for f in feeds])
+    assert np.mean((reference > 0.5) == (produced > 0.5)) >= 0.98
+    assert np.mean((reference > 0.5) == voiced) > 0.6  # the stream is one the model hears as speech/silence
+
+
+def test_mobilenet_style_classifier_converts_to_full_integer_tflite(tmp_path: Path) -> None:
+    """The PP-OCR text-direction classifier flattens through `Shape`; simplify (onnxslim, shapes from
+    the data) folds it, so the TFLite target converts it and the runtime's LiteRT backend runs it."""
+    calibration, _ = text_direction_dataset(32, seed=51)
+    validation, labels = text_direction_dataset(80, seed=52)
+    profile = load_profile("raspberry-pi-zero-2w")
+    result = compress(
+        ppocr_model("cls"),
+        profile,
+        calibration,
+        validation=validation,
+        labels=labels,
+        recipe=("prepare", "simplify", "tflite"),
+        workdir=tmp_path,
+        log=lambda line: None,
+    )
+    assert result.artifact_format == "tflite" and result.model_bytes[4:8] == b"TFL3"
+    compressed = result.report["compressed"]
+    accuracy = next(t for t in compressed["fidelity"]["tasks"] if t["metric"] == "accuracy")
+    assert accuracy["reference"] - accuracy["value"] <= profile.budgets.max_accuracy_drop_pp / 100
+    assert compressed["size_ratio"] >= 2.0
+    simplify = next(step for step in result.report["passes"] if step["pass"] == "simplify")
+    assert "Shape" in simplify["ops_before"] and "Shape" not in simplify["ops_after"]

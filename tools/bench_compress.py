@@ -1,6 +1,6 @@
 """Benchmark: fp32 vs ONNX Runtime `quantize_static` defaults vs our compressor, on real models.
 
-Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec]
+Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec,vad]
 
 Every candidate is timed interleaved with its fp32 model in this process (batch 1, one intra-op
 thread) and judged on held-out samples the compressor never saw (it gets a separate tuning split).
@@ -29,13 +29,14 @@ from tools import zoo
 __all__ = ["MODELS", "Candidate", "Row", "Task", "build_task", "host_description", "main"]
 
 Feed = dict[str, np.ndarray]
-MODELS = ("digits", "cls", "det", "rec")
+MODELS = ("digits", "cls", "det", "rec", "vad")
 DET_THRESHOLD = 0.3
 # (calibration, tuning, evaluation) sample counts, full and --quick.
 _SPLITS = {
     "cls": ((128, 300, 600), (32, 100, 200)),
     "det": ((32, 40, 60), (8, 12, 20)),
     "rec": ((64, 100, 300), (16, 40, 80)),
+    "vad": ((240, 240, 600), (120, 120, 300)),
 }
 
 
@@ -45,6 +46,7 @@ class Kind(StrEnum):
     CLASSIFIER = "classifier"
     DETECTOR = "detector"
     RECOGNIZER = "recognizer"
+    DECISION = "decision"
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +62,8 @@ class Task:
     tuning_labels: np.ndarray | None = None
     labels: np.ndarray | None = None
     texts: list[str] | None = None
+    tasks: tuple[str, ...] = ()
+    """--task options for our compressor (OUTPUT=KIND[:MIN])."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,20 @@ def build_task(name: str, quick: bool, workdir: Path) -> Task:
             evaluation,
             texts=texts,
         )
+    if name == "vad":
+        from tools.zoo_vad import vad_feeds, vad_model
+
+        evaluation, voiced = vad_feeds(n_eval, seed=403)
+        return Task(
+            name,
+            vad_model(),
+            Kind.DECISION,
+            vad_feeds(n_cal, seed=401)[0],
+            vad_feeds(n_tune, seed=402)[0],
+            evaluation,
+            labels=voiced,
+            tasks=("output=decision:0.98",),
+        )
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -207,6 +225,21 @@ def ort_defaults(task: Task, workdir: Path, *, preprocess: bool) -> Candidate:
     return Candidate(variant, out.read_bytes(), seconds=time.perf_counter() - started)
 
 
+def ort_dynamic(task: Task, workdir: Path) -> Candidate:
+    """`quantize_dynamic(model, out, per_channel=True)`: ORT's int8 for transformers and RNNs."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out, started = workdir / f"{task.name}.dyn.onnx", time.perf_counter()
+    try:
+        with contextlib.chdir(workdir):
+            quantize_dynamic(str(task.model_path), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    except Exception as exc:  # ORT raises many unrelated types; the reason is what we report
+        return Candidate("ORT quantize_dynamic per-channel", None, failure=f"fails: {_short(exc)}")
+    return Candidate(
+        "ORT quantize_dynamic per-channel", out.read_bytes(), seconds=time.perf_counter() - started
+    )
+
+
 def _weights_in_constants(path: Path) -> bool:
     """True for graphs that hold their weights in Constant nodes (no initializers), as Paddle exports do."""
     import onnx
@@ -220,6 +253,7 @@ def ours(task: Task, profile_name: str, workdir: Path, log: Callable[[str], obje
     started = time.perf_counter()
     try:
         from compressor.pipeline import compress
+        from compressor.tasks import TaskConfig, parse_task_option
         from edge_runtime.config.profiles import load_profile
         from edge_runtime.core.errors import EdgeError
     except ImportError as exc:
@@ -231,6 +265,7 @@ def ours(task: Task, profile_name: str, workdir: Path, log: Callable[[str], obje
             task.calibration,
             validation=task.tuning,
             labels=task.tuning_labels,
+            tasks=TaskConfig(specs=dict(parse_task_option(text) for text in task.tasks)),
             workdir=workdir,
             log=log,
         )
@@ -297,6 +332,10 @@ def quality(task: Task, reference: list[np.ndarray], outputs: list[np.ndarray]) 
         mask = np.stack(outputs) > DET_THRESHOLD
         iou = np.sum(ref_mask & mask) / max(1, np.sum(ref_mask | mask))
         return "-", f"map cosine {cosine:.4f}, mask IoU@{DET_THRESHOLD} {iou:.3f}"
+    if task.kind is Kind.DECISION:
+        decided = np.array([o.item() > 0.5 for o in outputs])
+        same = np.mean(decided == np.array([r.item() > 0.5 for r in reference]))
+        return f"voiced chunks found {np.mean(decided == task.labels):.1%}", f"decisions {same:.1%}"
     lines = [zoo.ctc_greedy_decode(o)[0] for o in outputs]
     ref_lines = [zoo.ctc_greedy_decode(r)[0] for r in reference]
     read = np.mean([line.strip() == text for line, text in zip(lines, task.texts or [], strict=True)])
@@ -344,6 +383,8 @@ def benchmark_model(task: Task, args: argparse.Namespace, workdir: Path) -> list
     candidates = [fp32_candidate, ort_defaults(task, workdir, preprocess=False)]
     if candidates[-1].model_bytes is None or _weights_in_constants(task.model_path):
         candidates.append(ort_defaults(task, workdir, preprocess=True))
+    if task.kind in (Kind.RECOGNIZER, Kind.DECISION):  # recurrent models: ORT's dynamic int8 too
+        candidates.append(ort_dynamic(task, workdir))
     if not args.baseline_only:
         candidates.append(ours(task, args.profile, workdir, log))
     runs = args.runs or (60 if args.quick else 300 if task.name in ("digits", "cls") else 200)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressor.measure import fidelity, make_session, run_all
+from compressor.measure import make_session, run_all
 from compressor.passes.base import CompressionContext, Samples
 from edge_runtime.config.profiles import DeviceProfile
 
@@ -139,11 +139,12 @@ def compare_models(
         report |= {f"{k}_after": v for k, v in cost_after.items()}
     if ctx.validation:
         reference = run_onnx(before, ctx.validation, ctx.profile)
-        report["fidelity"] = fidelity(
-            reference, run_onnx(after, ctx.validation, ctx.profile), ctx.labels
-        ).to_dict()
+        result = ctx.fidelity(reference, run_onnx(after, ctx.validation, ctx.profile))
+        report["fidelity"] = result.to_dict()
         if ctx.labels is not None:
-            report["accuracy_before"] = fidelity(reference, reference, ctx.labels).accuracy
+            report["accuracy_before"] = next(
+                (score.reference for score in result.tasks if score.metric == "accuracy"), None
+            )
     return report
 
 

@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from compressor.tasks import TaskConfig
 from edge_runtime.config.profiles import DeviceProfile
 
 if TYPE_CHECKING:
     import onnx
+
+    from compressor.measure import Fidelity
 
 __all__ = ["CompressionContext", "Pass", "PassResult", "Samples"]
 
@@ -28,7 +31,7 @@ class CompressionContext:
     calibration: Samples
     """Samples the pass may fit to (calibration for int8, transfer set for distillation)."""
     validation: Samples
-    """Held-out samples for measuring fidelity; never used to fit."""
+    """The selection split: every measured choice is made on it; never used to fit, never reported."""
     workdir: Path
     labels: np.ndarray | None = None
     """Task labels for `validation` (class ids), when the user has them."""
@@ -37,6 +40,24 @@ class CompressionContext:
     """Callable taking one line of progress text."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Per-pass options by pass name, from the CLI or the profile recipe."""
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    """How each output is judged (named by the user or guessed) and the user's own metric."""
+    output_names: tuple[str, ...] | None = None
+    """The model's output names, in order, for the task of each output."""
+
+    def fidelity(
+        self, reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]], *, labels: bool = True
+    ) -> Fidelity:
+        """Candidate vs reference outputs on `validation`, judged by each output's task."""
+        from compressor.measure import fidelity
+
+        return fidelity(
+            reference,
+            candidate,
+            self.labels if labels else None,
+            names=self.output_names,
+            tasks=self.tasks,
+        )
 
 
 @dataclass(frozen=True)

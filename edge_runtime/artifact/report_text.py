@@ -25,6 +25,43 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])
 
 
+def _worst_task(fidelity: dict[str, Any]) -> str:
+    """The lowest task-metric score of a candidate, with the metric's name."""
+    tasks = fidelity.get("tasks") or []
+    if not tasks:
+        return "-"
+    worst = min(tasks, key=lambda task: task["value"])
+    return f"{worst['value']:.4f} {worst['metric']}"
+
+
+def _task_table(fidelity: dict[str, Any]) -> list[str]:
+    """One row per output: its task, the metric that judges it, and the measured value."""
+    tasks = fidelity.get("tasks") or []
+    if not tasks:
+        return []
+    rows = []
+    for task in tasks:
+        extra = [f"{k} {task[k]:.4g}" for k in ("cer", "max_abs_error") if k in task]
+        extra += [
+            f"{int(task[k])} {k.split('_')[0]}"
+            for k in ("reference_detections", "candidate_detections")
+            if k in task
+        ]
+        rows.append(
+            [
+                task["output"],
+                task["task"] + (" (guessed)" if task.get("guessed") else ""),
+                task["metric"],
+                f"{task['value']:.4f}",
+                _fmt(task.get("reference")),
+                _fmt(task.get("min_score")),
+                ", ".join(extra) or "-",
+            ]
+        )
+    header = ["output", "task", "metric", "value", "original", "minimum", "also"]
+    return ["task metrics (compressed vs original, on the report split):", _table(header, rows)]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Summary table (original vs compressed) plus the int8 candidates that were measured."""
     original, compressed = report["original"], report["compressed"]
@@ -56,7 +93,25 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['model']} for profile {report['profile']['name']} "
         f"(measured on {report['host']['cpu']}, {report['validation_samples']} held-out samples)",
         _table(header, rows),
+        *_task_table(fid),
     ]
+    weights = compressed.get("weights")
+    if weights:
+        shares = sorted(weights.items(), key=lambda item: -item[1]["share"])
+        parts.append(
+            "weights stored as: "
+            + ", ".join(
+                f"{name} {entry['share'] * 100:.1f}% ({int(entry['elements'])} values, {int(entry['bytes'])} bytes)"
+                for name, entry in shares
+            )
+        )
+    splits = report.get("splits")
+    if splits:
+        parts.append(
+            f"samples: {splits['calibration']} calibration, {splits['selection']} selection (every choice), "
+            f"{splits['report']} report (these numbers; no choice saw them)"
+        )
+    parts += [f"warning: {warning}" for warning in report.get("warnings", [])]
     for step in report["passes"]:
         if step.get("candidates"):
             cand_rows = [
@@ -68,13 +123,23 @@ def format_report(report: dict[str, Any]) -> str:
                     _fmt(c["accuracy"], "pct"),
                     _fmt(c["top1_agreement"], "pct"),
                     f"{c['cosine']:.4f}",
+                    _worst_task(c),
                 ]
                 for c in step["candidates"]
             ]
             parts.append("int8 candidates (latency relative to the float model):")
             parts.append(
                 _table(
-                    ["candidate", "int8 nodes", "bytes", "latency", "accuracy", "top-1 agree", "cosine"],
+                    [
+                        "candidate",
+                        "int8 nodes",
+                        "bytes",
+                        "latency",
+                        "accuracy",
+                        "top-1 agree",
+                        "cosine",
+                        "worst task",
+                    ],
                     cand_rows,
                 )
             )
