@@ -3,6 +3,7 @@ judged on data made for the purpose (rendered text lines with known orientation)
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from compressor.pipeline import compress
 from edge_runtime.artifact.bundle import read_bundle
 from edge_runtime.cli import cli
 from edge_runtime.config.profiles import load_profile
+from tests.conftest import require_module
 from tools.zoo import detection_dataset, ppocr_model, text_direction_dataset
 
 # Latency is measured but must not decide these outcomes: equal fixed timings (see conftest).
@@ -112,6 +114,8 @@ def test_streaming_vad_calibrates_from_one_batched_feed_with_its_own_states(tmp_
     """Silero VAD (LSTM, If subgraphs, scalar `sr`, state [2, batch, 128]) from the silero-vad wheel:
     one batched feed, `sr` given once, states carried from the model itself; judged on a stream the
     compressor never saw by the share of speech decisions identical to fp32's."""
+    if importlib.util.find_spec("silero_vad") is None:
+        require_module("silero_vad", "pip install --no-deps silero-vad==6.2.3")
     from tools.zoo_vad import vad_feeds, vad_model, vad_stream
 
     feed, _ = vad_stream(160, seed=41)

@@ -182,7 +182,8 @@ class ModelStore:
         """Hold the store's write lock (``with store.lock(): ...``): re-entrant, across processes."""
         return self._lock.hold()
 
-    def _verifier(self) -> tuple[signing.PublicKey, DeviceProfile]:
+    def verifier(self) -> tuple[signing.PublicKey, DeviceProfile]:
+        """The key and device profile bundles are checked with; UsageError when the store has none."""
         if self.public_key is None or self.device_profile is None:
             raise UsageError("verifying bundles needs the signing public key and the device profile")
         return self.public_key, self.device_profile
@@ -219,7 +220,7 @@ class ModelStore:
         version are refused (versions are immutable). A file already in `staging_dir()` (a finished
         download) is moved rather than copied, and removed if it is refused.
         """
-        public_key, profile = self._verifier()
+        public_key, profile = self.verifier()
         source = Path(bundle_path)
         in_staging = source.parent.resolve() == self.staging_dir().resolve() and source.is_file()
         staged = source if in_staging else self._stage(source)
@@ -265,7 +266,7 @@ class ModelStore:
 
     def open(self, name: str, version: str) -> Bundle:
         """Read an installed bundle, verifying signature, checksums and compatibility again."""
-        public_key, profile = self._verifier()
+        public_key, profile = self.verifier()
         path = self.bundle_path(name, version)
         if not path.is_file():
             raise NotFoundError(f"model '{name}' version '{version}' is not installed")

@@ -157,13 +157,14 @@ class InstallSteps:
             return Event.FAILURE, "the rebuilt bundle does not match the size and sha256 in the offer"
         path = self.journal.bundle_path(job.id)
         atomic_write(path, bundle)
-        manifest = read_bundle(path, self.store.public_key).manifest
+        public_key, device_profile = self.store.verifier()
+        manifest = read_bundle(path, public_key).manifest
         if (manifest.name, manifest.version) != (offer.model, offer.version):
             return Event.FAILURE, f"the bundle holds {manifest.name} {manifest.version}, not what was offered"
         with zipfile.ZipFile(path) as archive:
             if archive.read("manifest.sig").hex() != offer.signature:
                 return Event.FAILURE, "the bundle's signature is not the one in the offer"
-        check_compatible(manifest, self.store.device_profile)
+        check_compatible(manifest, device_profile)
         return OK
 
     def installing(self, job: Job) -> Outcome:
