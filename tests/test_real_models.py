@@ -15,6 +15,7 @@ from onnx import TensorProto
 from compressor.measure import make_session
 from compressor.pipeline import compress
 from edge_runtime.artifact.bundle import read_bundle
+from edge_runtime.artifact.signing import load_public_key
 from edge_runtime.cli import cli
 from edge_runtime.config.profiles import load_profile
 from tests.conftest import require_module
@@ -134,7 +135,7 @@ def test_streaming_vad_calibrates_from_one_batched_feed_with_its_own_states(tmp_
     assert (
         "decisions identical" in row and "guessed" not in row and "0.98" in row
     )  # the named task and its bar
-    model_bytes = read_bundle(bundle, None).model_bytes
+    model_bytes = read_bundle(bundle, load_public_key(tmp_path / "signing.pub")).model_bytes
     assert vad_model().stat().st_size / len(model_bytes) >= 2.0  # the LSTM weights inside If branches too
     fp32 = make_session(vad_model().read_bytes(), load_profile("x86-avx2-gateway"))
     ours = make_session(model_bytes, load_profile("x86-avx2-gateway"))
