@@ -28,6 +28,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,10 +249,21 @@ class Outbox:
             self.faults.note("put", self._translate(exc))
             return None
 
-    def _insert(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any exception."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def _insert(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
+        with self._transaction() as db:
             last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
             top = db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
             seq = max(int(last[0]) if last else 0, int(top)) + 1
@@ -261,11 +273,6 @@ class Outbox:
             dropped, freed = self._trim(count, size)
             if dropped:
                 db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (dropped,))
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
         self._count, self._bytes = count - dropped, size - freed
         self._dropped += dropped
         return seq
@@ -293,10 +300,8 @@ class Outbox:
         chunks = [seqs[start : start + 500] for start in range(0, len(seqs), 500)]  # SQLite's variable limit
         count = size = 0
         with self._lock:
-            db = self._db
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with self._transaction() as db:
                     for chunk in chunks:
                         marks = ",".join("?" * len(chunk))
                         found, found_size = db.execute(
@@ -305,11 +310,6 @@ class Outbox:
                         ).fetchone()
                         db.execute(f"DELETE FROM records WHERE seq IN ({marks})", chunk)
                         count, size = count + int(found), size + int(found_size)
-                    db.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 raise self._translate(exc) from exc
             self._count -= count
@@ -336,11 +336,9 @@ class Outbox:
             self._bury([(seq, reason)])
 
     def _bury(self, items: list[tuple[int, str]]) -> None:
-        db = self._db
+        count = 0
         try:
-            db.execute("BEGIN IMMEDIATE")
-            count = 0
-            try:
+            with self._transaction() as db:
                 for seq, reason in items:
                     if db.execute("SELECT 1 FROM records WHERE seq = ?", (seq,)).fetchone() is None:
                         continue
@@ -357,11 +355,6 @@ class Outbox:
                     "(SELECT seq FROM dead_letters ORDER BY seq DESC LIMIT ?)",
                     (_MAX_DEAD_LETTERS,),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
         self._dead += count

@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.codecs.payloads import EventKind, encode_event, encode_telemetry
@@ -25,8 +24,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_PROC = Path("/proc")
-_THERMAL = Path("/sys/class/thermal")
 
 
 class TelemetryLoop:
