@@ -145,7 +145,7 @@ def test_edgectl_predict_over_http_and_mqtt(running: Running, broker: Broker, tm
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     for protocol in ("5", "3.1.1"):
         over_mqtt = runner.invoke(cli, ["predict", "mlp", "-i", f"{INPUT_NAME}={json.dumps(x.tolist())}",
-                                        "--mqtt", broker.address, "--device", DEVICE, "--protocol", protocol,
+                                        "--mqtt", broker.address, "--device", DEVICE, "--mqtt-protocol", protocol,
                                         "--json"])  # fmt: skip
         assert over_mqtt.exit_code == 0, over_mqtt.output
         got = np.asarray(json.loads(over_mqtt.output)["outputs"][0]["data"], np.float32).reshape(

@@ -25,6 +25,7 @@ RANK = {
     "update": 6,
     "telemetry": 6,
     "client": 6,
+    "fleet": 7,
     "daemon": 7,
     "cli": 8,
 }
@@ -32,7 +33,7 @@ RANK = {
 
 ONLY_IN = {
     "paho": {"transports/mqtt/link.py"},
-    "cryptography": {"artifact/signing.py"},
+    "cryptography": {"artifact/signing.py", "fleet/certs.py"},
     "onnxruntime": {"engines/onnx.py"},
     "ai_edge_litert": {"engines/tflite.py"},
     "tflite_runtime": {"engines/tflite.py"},

@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from edge_runtime.cli.broker_options import broker_options
+from edge_runtime.client.broker import Broker
 from edge_runtime.client.flash import (
     DEFAULT_BLOCK_SIZE,
     FlashResult,
@@ -23,7 +25,6 @@ from edge_runtime.client.flash import (
     bundle_identity,
     command,
     flash_many,
-    parse_broker,
     prepare,
 )
 from edge_runtime.codecs.update_payloads import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, CommandOp, Probation
@@ -31,7 +32,6 @@ from edge_runtime.core.errors import EdgeError, UpdateError, UsageError
 
 __all__ = ["flash", "models", "rollback"]
 
-_broker = click.option("--broker", required=True, help="MQTT broker HOST:PORT the devices use.")
 _timeout = click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait.")
 
 
@@ -75,7 +75,7 @@ def _probation(
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--device", "devices", multiple=True, required=True, help="Device id (repeat for several).")
-@_broker
+@broker_options()
 @click.option("--max-parallel", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Devices transferring at once.")  # fmt: skip
 @click.option("--block-size", type=click.IntRange(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE), default=DEFAULT_BLOCK_SIZE,
@@ -100,7 +100,7 @@ def _probation(
 def flash(
     bundle: Path,
     devices: tuple[str, ...],
-    broker: str,
+    broker: Broker,
     max_parallel: int,
     block_size: int,
     compression: str,
@@ -113,7 +113,7 @@ def flash(
     timeout: float,
 ) -> None:
     """Push BUNDLE to each --device: pulled in blocks, verified, installed A/B, tried, committed or rolled back."""
-    parse_broker(broker)
+    broker.link("check")  # bad TLS files or password file: refused here, before any work
     raw = bundle.read_bytes()
     name = bundle_identity(raw)[0]  # not a signed bundle: refused here, before any device is bothered
     rules = _probation(probation, max_error_rate, max_p95_ms, min_requests)
@@ -148,9 +148,9 @@ def flash(
 @click.command()
 @click.argument("model")
 @click.option("--device", required=True, help="Device id.")
-@_broker
+@broker_options()
 @_timeout
-def rollback(model: str, device: str, broker: str, timeout: float) -> None:
+def rollback(model: str, device: str, broker: Broker, timeout: float) -> None:
     """Make MODEL's previous version active again on a device (hot swap, no restart)."""
     answer = command(broker, device, CommandOp.ROLLBACK, model=model, timeout=timeout)
     click.echo(f"{device}: {model} rolled back to {answer.get('active')} (was {answer.get('previous')})")
@@ -158,10 +158,10 @@ def rollback(model: str, device: str, broker: str, timeout: float) -> None:
 
 @click.command()
 @click.option("--device", required=True, help="Device id.")
-@_broker
+@broker_options()
 @_timeout
 @click.option("--json", "as_json", is_flag=True, help="Print the device's answer as JSON.")
-def models(device: str, broker: str, timeout: float, as_json: bool) -> None:
+def models(device: str, broker: Broker, timeout: float, as_json: bool) -> None:
     """List a device's models: versions installed, active, previous, serving, and the last update."""
     answer = command(broker, device, CommandOp.MODELS, timeout=timeout)["models"]
     if as_json:

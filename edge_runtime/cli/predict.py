@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
+from edge_runtime.cli.broker_options import broker_options
+from edge_runtime.client.broker import Broker
 from edge_runtime.client.predict import predict_http, predict_mqtt
 from edge_runtime.core.errors import UsageError
 
@@ -62,12 +64,9 @@ def _print(response: InferResponse) -> None:
     help="name=file.npy | name=file.json | name=[...]",
 )
 @click.option("--http", "http_url", help="Device HTTP API, e.g. http://127.0.0.1:8000")
-@click.option("--mqtt", "broker", help="Broker HOST:PORT (needs --device).")
+@broker_options("--mqtt", required=False, help_text="Broker HOST:PORT (needs --device).")
 @click.option("--device", "device_id", help="Device id (MQTT).")
 @click.option("--version", "model_version", help="Model version (default: the one serving).")
-@click.option(
-    "--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True, help="MQTT version."
-)
 @click.option(
     "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the answer."
 )
@@ -76,10 +75,9 @@ def predict(
     model: str,
     inputs: tuple[str, ...],
     http_url: str | None,
-    broker: str | None,
+    broker: Broker | None,
     device_id: str | None,
     model_version: str | None,
-    protocol: str,
     timeout: float,
     as_json: bool,
 ) -> None:
@@ -93,10 +91,10 @@ def predict(
         raise UsageError("--mqtt needs --device ID (the device's id in its settings)")
     tensors = dict(parse_input(spec) for spec in inputs)
     request = InferRequest(model=model, inputs=tensors, version=model_version, id=uuid.uuid4().hex[:8])
-    if http_url:
-        response = predict_http(http_url, request, timeout=timeout)
+    if broker is None:
+        response = predict_http(str(http_url), request, timeout=timeout)
     else:
-        response = predict_mqtt(str(broker), str(device_id), request, timeout=timeout, protocol=protocol)
+        response = predict_mqtt(broker, str(device_id), request, timeout=timeout)
     if as_json:
         click.echo(encode_infer_response(response)[0].decode("utf-8"))
     else:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.client.broker import Broker, parse_broker
 from edge_runtime.codecs.update_payloads import (
     CommandOp,
     Compression,
@@ -169,21 +170,8 @@ class FlashResult:
         return self.state == "committed"
 
 
-def parse_broker(broker: str) -> tuple[str, int]:
-    """(host, port) of a HOST:PORT broker address (UsageError otherwise)."""
-    host, _, port = broker.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--broker '{broker}' must be HOST:PORT")
-    return host, int(port)
-
-
-def _link(broker: str, name: str) -> Any:
-    from edge_runtime.config.settings import MqttSettings
-    from edge_runtime.transports.mqtt.link import MqttLink
-
-    host, port = parse_broker(broker)
-    settings = MqttSettings(host=host, port=port, workers=2, reconnect_min_s=0.1, reconnect_max_s=1.0)
-    return MqttLink(settings, f"edgectl-{name}-{uuid.uuid4().hex[:8]}")
+def _link(broker: Broker | str, name: str) -> Any:
+    return Broker.of(broker).link(name)
 
 
 class _Session:
@@ -273,7 +261,7 @@ class _Session:
 
 
 def flash(
-    broker: str,
+    broker: Broker | str,
     device: str,
     prepared: Prepared,
     *,
@@ -296,7 +284,7 @@ def flash(
 
 def flash_many(
     jobs: list[tuple[str, Callable[[], Prepared]]],
-    broker: str,
+    broker: Broker | str,
     *,
     max_parallel: int,
     **options: Any,
@@ -315,7 +303,7 @@ def flash_many(
 
 
 def command(
-    broker: str, device: str, op: CommandOp, *, model: str | None = None, timeout: float = 10.0
+    broker: Broker | str, device: str, op: CommandOp, *, model: str | None = None, timeout: float = 10.0
 ) -> dict:
     """Send ``models`` or ``rollback`` to a device and return its answer (EdgeError if it refused)."""
     from edge_runtime.transports.mqtt.topics import DeviceTopics

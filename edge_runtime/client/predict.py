@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
-from edge_runtime.core.errors import TransientError, UsageError
+from edge_runtime.client.broker import Broker
+from edge_runtime.core.errors import TransientError
 from edge_runtime.core.types import InferRequest, InferResponse
 
 __all__ = ["predict_http", "predict_mqtt"]
@@ -45,23 +46,21 @@ def predict_http(url: str, request: InferRequest, *, timeout: float) -> InferRes
 
 
 def predict_mqtt(
-    broker: str, device_id: str, request: InferRequest, *, timeout: float, protocol: str = "5"
+    broker: Broker | str, device_id: str, request: InferRequest, *, timeout: float, protocol: str = "5"
 ) -> InferResponse:
     """Publish a request to the device's infer topic and wait for the reply (MQTT 5 or 3.1.1)."""
     import threading
 
     from edge_runtime.codecs.payloads import decode_reply, encode_request
-    from edge_runtime.config.settings import MqttProtocol, MqttSettings
-    from edge_runtime.transports.mqtt.link import Incoming, MqttLink
+    from edge_runtime.config.settings import MqttProtocol
+    from edge_runtime.transports.mqtt.link import Incoming
     from edge_runtime.transports.mqtt.topics import DeviceTopics
 
-    host, _, port = broker.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--mqtt '{broker}' must be HOST:PORT")
+    if isinstance(broker, str):
+        broker = Broker.of(broker, protocol=MqttProtocol(protocol))
     token = uuid.uuid4().hex[:12]
     reply_topic = f"edgectl/{token}/reply"
-    settings = MqttSettings(host=host, port=int(port), protocol=MqttProtocol(protocol), workers=1)
-    link = MqttLink(settings, f"edgectl-{token}")
+    link = broker.link(token, workers=1, reconnect_min_s=0.5, reconnect_max_s=30.0)
     replies: list[bytes] = []
     arrived = threading.Event()
 

@@ -94,6 +94,16 @@ class MqttSettings:
     """Empty: ``edge-<device_id>``."""
     username: str = ""
     password: str = ""
+    password_file: str = ""
+    """A file holding the password (first line), so it need not sit in the config; wins over ``password``."""
+    tls: bool = False
+    """Connect over TLS (implied by ``ca_file`` or ``cert_file``); without ``ca_file``, the system's CAs."""
+    ca_file: str = ""
+    """PEM file of the CA(s) that signed the broker's certificate."""
+    cert_file: str = ""
+    """PEM client certificate (mutual TLS); needs ``key_file``."""
+    key_file: str = ""
+    """PEM private key of ``cert_file``."""
     workers: int = 2
     """Threads running inference for MQTT requests (never paho's network thread)."""
     queue_size: int = 256
@@ -102,6 +112,16 @@ class MqttSettings:
     """Payload bytes waiting for a worker; beyond it requests are answered "busy" (503)."""
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+
+    @property
+    def uses_tls(self) -> bool:
+        """True when the connection is TLS (asked for, or implied by a CA or client certificate)."""
+        return self.tls or bool(self.ca_file or self.cert_file)
+
+    @property
+    def address(self) -> str:
+        """``host:port``, for messages."""
+        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -193,6 +213,8 @@ def _check(settings: Settings, source: str) -> None:
             f"{source}: mqtt.reconnect_max_s ({settings.mqtt.reconnect_max_s}) is below "
             f"mqtt.reconnect_min_s ({settings.mqtt.reconnect_min_s})"
         )
+    if bool(settings.mqtt.cert_file) != bool(settings.mqtt.key_file):
+        raise UsageError(f"{source}: mqtt.cert_file and mqtt.key_file go together (mutual TLS needs both)")
     for index, binding in enumerate(settings.streams):
         where = f"{source}: streams[{index}]"
         try:
@@ -226,9 +248,17 @@ def _resolve(settings: Settings, base: Path) -> Settings:
 
     profile = absolute(settings.profile) if settings.profile.endswith(".toml") else settings.profile
     outbox = dataclasses.replace(settings.outbox, path=absolute(settings.outbox.path))
+    mqtt = dataclasses.replace(
+        settings.mqtt,
+        password_file=absolute(settings.mqtt.password_file),
+        ca_file=absolute(settings.mqtt.ca_file),
+        cert_file=absolute(settings.mqtt.cert_file),
+        key_file=absolute(settings.mqtt.key_file),
+    )
     return dataclasses.replace(
         settings,
         profile=profile,
+        mqtt=mqtt,
         store=absolute(settings.store),
         public_key=absolute(settings.public_key),
         outbox=outbox,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +51,7 @@ from edge_runtime.transports.mqtt.dispatch import (
 from edge_runtime.transports.mqtt.retry import Backoff, DropWatch
 from edge_runtime.transports.mqtt.session import Session, Will
 
-__all__ = ["Incoming", "MqttLink", "Refusal", "Refused", "Will"]
+__all__ = ["Incoming", "MqttLink", "Refusal", "Refused", "Will", "credentials", "tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,38 @@ def _no_delay(sock: object) -> None:
     """Disable Nagle: replies are small and latency-bound (paho leaves it on)."""
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
+    """The TLS context for `settings` (None without TLS); UsageError naming the file that cannot be used."""
+    if not settings.uses_tls:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=settings.ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use mqtt.ca_file '{settings.ca_file}': {exc}") from exc
+    if settings.cert_file:
+        try:
+            context.load_cert_chain(settings.cert_file, settings.key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"cannot use the client certificate '{settings.cert_file}' with key '{settings.key_file}': {exc}"
+            ) from exc
+    return context
+
+
+def credentials(settings: MqttSettings) -> tuple[str, str | None] | None:
+    """(username, password) to send, the password read from ``password_file`` when given; None: anonymous."""
+    password = settings.password or None
+    if settings.password_file:
+        try:
+            with open(settings.password_file, encoding="utf-8") as file:
+                password = file.readline().rstrip("\r\n") or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read mqtt.password_file '{settings.password_file}': {exc}") from exc
+    if not settings.username:
+        return None
+    return settings.username, password
 
 
 class MqttLink:
@@ -93,6 +126,8 @@ class MqttLink:
         stable = max(settings.keepalive, 2 * settings.reconnect_max_s)
         self._drops = DropWatch(self._backoff, client_id, stable)
         self._swap = threading.Lock()
+        self._tls = tls_context(settings)
+        self._credentials = credentials(settings)
         self._session = self._new_session(1, settings.protocol)
 
     # -- state -----------------------------------------------------------------------------
@@ -295,8 +330,10 @@ class MqttLink:
         client.on_socket_open = self._guard(lambda _c, _u, sock: _no_delay(sock))
         client.on_socket_register_write = lambda *_: None  # a publish from any thread only queues
         client.max_inflight_messages_set(64)
-        if self.settings.username:
-            client.username_pw_set(self.settings.username, self.settings.password or None)
+        if self._credentials is not None:
+            client.username_pw_set(*self._credentials)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
         if self.presence is not None:
             client.will_set(self.presence.topic, self.presence.offline, qos=self.presence.qos, retain=True)
         for index in range(len(self.dispatcher.routes)):
