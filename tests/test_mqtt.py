@@ -3,7 +3,6 @@ bad input, presence with a last will, and a slow model that must not stall keep-
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -37,6 +36,7 @@ from tests.broker import (  # noqa: F401 (fixture)
     write_daemon_config,
 )
 from tests.mlp_models import INPUT_NAME, OUTPUT_NAME, make_weights, reference_forward
+from tests.tcp_proxy import TcpProxy
 
 DEVICE = "gw-test"
 TOPICS = DeviceTopics(DEVICE)
@@ -381,52 +381,20 @@ def test_settings_protocol_3_1_1_daemon_answers(tmp_path: Path, broker: Broker, 
         instance.stop()
 
 
-class Mqtt311OnlyProxy:
-    """A TCP proxy in front of Mosquitto that behaves like a 3.1.1-only broker: it refuses MQTT 5 CONNECTs
-    (CONNACK "unacceptable protocol version", as such a broker sends) and forwards everything else."""
+class Mqtt311OnlyProxy(TcpProxy):
+    """Behaves like a 3.1.1-only broker: it refuses MQTT 5 CONNECTs (CONNACK "unacceptable protocol
+    version", as such a broker sends) and forwards everything else."""
 
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.refused = 0
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+    refused = 0
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def first_bytes(self, client: socket.socket) -> bytes | None:
         first = client.recv(65536)  # CONNECT: fixed header, remaining length, "\0\4MQTT", protocol level
-        name_at = first.index(b"MQTT")
-        if first[name_at + 4] == 5:
+        if first[first.index(b"MQTT") + 4] == 5:
             self.refused += 1
             client.sendall(b"\x20\x02\x00\x01")
             client.close()
-            return
-        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-        upstream.sendall(first)
-        for source, target in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, target):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.server.close()
+            return None
+        return first
 
 
 def test_falls_back_to_3_1_1_when_the_broker_refuses_mqtt5(

@@ -18,6 +18,7 @@ import pytest
 from edge_runtime.config.settings import MqttProtocol, MqttSettings
 from edge_runtime.transports.mqtt.link import Incoming, MqttLink, Will
 from tests.broker import Broker, Probe, broker_fixture, eventually, free_port  # noqa: F401 (fixture)
+from tests.tcp_proxy import TcpProxy
 
 LINK_LOG = "edge_runtime.transports.mqtt.link"
 FAST = {"keepalive": 2, "reconnect_min_s": 0.1, "reconnect_max_s": 0.4}
@@ -203,42 +204,12 @@ def test_two_clients_with_the_same_id_are_an_error_and_back_off(
         assert nominal == sorted(nominal) and nominal[-1] >= 0.8, nominal  # never reset to the minimum
 
 
-class TakeoverReasonProxy:
-    """Sits in front of Mosquitto and does what EMQX or HiveMQ do on a session takeover: when the broker
-    closes a client's connection, send that client an MQTT 5 DISCONNECT with reason 0x8E first."""
+class TakeoverReasonProxy(TcpProxy):
+    """Does what EMQX or HiveMQ do on a session takeover: when the broker closes a client's connection,
+    send that client an MQTT 5 DISCONNECT with reason 0x8E first."""
 
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket, from_broker: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                target.sendall(data)
-            if from_broker:
-                target.sendall(b"\xe0\x02\x8e\x00")  # DISCONNECT, reason 0x8E, no properties
-        except OSError:
-            pass
-        finally:
-            for sock in (source, target):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.server.close()
+    def upstream_closed(self, client: socket.socket) -> None:
+        client.sendall(b"\xe0\x02\x8e\x00")  # DISCONNECT, reason 0x8E, no properties
 
 
 def test_session_taken_over_reason_is_an_error_at_once(
