@@ -9,10 +9,11 @@ the number of devices held is bounded too.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +22,7 @@ from edge_runtime.codecs.payloads import decode_json
 from edge_runtime.core.errors import EdgeError, TransientError
 from edge_runtime.transports.mqtt.topics import device_of, fleet_filter
 
-__all__ = ["DeviceRow", "FleetView", "fleet_snapshot"]
+__all__ = ["DeviceRow", "FleetView", "fleet_snapshot", "watch_fleet"]
 
 MAX_PAYLOAD_BYTES = 256 << 10
 MAX_DEVICES = 100_000
@@ -108,6 +109,12 @@ class FleetView:
             ]
         return sorted((r for r in rows if group is None or group in r.groups), key=lambda r: r.device)
 
+    def get(self, device: str) -> DeviceRow | None:
+        """A copy of one device's row, or None if nothing was heard from it."""
+        with self._lock:
+            row = self._rows.get(device)
+            return None if row is None else replace(row, models=dict(row.models), updates=dict(row.updates))
+
     def handle(self, topic: str, payload: bytes) -> None:
         """Fold one message into the rows; a malformed one is counted and dropped."""
         try:
@@ -166,11 +173,31 @@ class FleetView:
         row.seen(ts)
 
 
+@contextlib.contextmanager
+def watch_fleet(
+    broker: Broker | str, *, telemetry: bool = True, connect_timeout: float = 10.0
+) -> Iterator[FleetView]:
+    """A view kept current while the block runs (subscribed to the fleet topics; telemetry optional)."""
+    view = FleetView()
+    link = Broker.of(broker).link(
+        "devices", workers=1, queue_size=1 << 16
+    )  # retained bursts: queue, never shed
+    for suffix in FILTERS if telemetry else tuple(f for f in FILTERS if f != "telemetry"):
+        link.subscribe(fleet_filter(suffix), lambda m: view.handle(m.topic, m.payload), qos=1,
+                       max_bytes=MAX_PAYLOAD_BYTES)  # fmt: skip
+    link.start()
+    try:
+        if not link.wait_connected(connect_timeout):
+            raise TransientError(f"cannot connect to the MQTT broker at {broker}")
+        yield view
+    finally:
+        link.stop(timeout=1.0)
+
+
 def fleet_snapshot(
     broker: Broker | str,
     *,
     wait_s: float = 1.5,
-    connect_timeout: float = 10.0,
     on_view: Callable[[FleetView], None] | None = None,
     every_s: float = 2.0,
 ) -> FleetView:
@@ -179,21 +206,9 @@ def fleet_snapshot(
     With `on_view`, keep listening and call it with the view every `every_s` seconds until it raises
     (KeyboardInterrupt to end a watch).
     """
-    view = FleetView()
-    link = Broker.of(broker).link(
-        "devices", workers=1, queue_size=1 << 16
-    )  # retained bursts: queue, never shed
-    for suffix in FILTERS:
-        link.subscribe(fleet_filter(suffix), lambda m: view.handle(m.topic, m.payload), qos=1,
-                       max_bytes=MAX_PAYLOAD_BYTES)  # fmt: skip
-    link.start()
-    try:
-        if not link.wait_connected(connect_timeout):
-            raise TransientError(f"cannot connect to the MQTT broker at {broker}")
+    with watch_fleet(broker) as view:
         time.sleep(wait_s)
         while on_view is not None:
             on_view(view)
             time.sleep(every_s)
-    finally:
-        link.stop(timeout=1.0)
     return view
