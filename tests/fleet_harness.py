@@ -64,10 +64,10 @@ class FleetDaemon:
         """The model store folder."""
         return self.folder / "store"
 
-    def jobs(self) -> list[dict]:
-        """The device's own update journal: one entry per job it ever accepted (finished ones kept)."""
+    def jobs(self) -> list[str]:
+        """The ids of the jobs in the device's own update journal (every job it accepted; finished ones kept)."""
         folder = self.store / ".updates"
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+        return sorted(path.stem for path in folder.glob("*.json")) if folder.exists() else []
 
 
 def start_fleet(
