@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from edge_runtime.cli import cli
 from edge_runtime.cli.rollout import read_devices
 from edge_runtime.core.errors import UsageError
-from edge_runtime.fleet.rollout import plan_waves
+from edge_runtime.fleet.devices import FleetView
+from edge_runtime.fleet.rollout import DeviceState, Rollout, plan_waves
 from tests.broker import Probe, broker_fixture, eventually  # noqa: F401
 from tests.fleet_harness import ROOT, retained, start_fleet, stop_fleet, wait_presence
 
@@ -190,3 +191,50 @@ def test_rollout_usage_errors_are_one_line(broker, tmp_path, mlp_bundle_factory)
                                 str(_devices_file(tmp_path)), "--state", str(state)])  # fmt: skip
     assert other.exit_code == 2 and "belongs to another bundle (mlp 9)" in other.output
     assert all("Traceback" not in r.output for r in (both, nobody, other))
+
+
+def _view(**rows: dict) -> FleetView:
+    view = FleetView()
+    for device, facts in rows.items():
+        view.handle(f"edge/{device}/status", json.dumps({"v": 1, "state": "online", "ts": 1.0}).encode())
+        view.handle(f"edge/{device}/facts", json.dumps({"v": 1, "ts": 2.0, **facts}).encode())
+    return view
+
+
+def test_resume_rules_and_the_health_gate_read_the_devices_reports(tmp_path, mlp_bundle_factory, monkeypatch):
+    """In-process, no broker: what the journal and the retained reports decide on a re-run, and after a commit."""
+    monkeypatch.setattr("edge_runtime.fleet.rollout.HEALTH_WAIT_S", 0.3)
+    serving = lambda version, health="running": {  # noqa: E731
+        "health": health,
+        "models": {"mlp": {"version": version, "state": "serving"}},
+    }
+    rollout = Rollout("127.0.0.1:1", mlp_bundle_factory("mlp", "2", seed=2).read_bytes(), ["a", "b", "c", "d"],
+                      tmp_path / "r.json")  # fmt: skip
+    rollout.journal.set("a", DeviceState.OFFERED, job="job-a")
+    rollout.journal.set("b", DeviceState.OFFERED, job="job-b")
+    view = _view(a=serving("1"), b=serving("1"), c=serving("2"), d=serving("1"))
+    report = {
+        "v": 1,
+        "job": "job-a",
+        "model": "mlp",
+        "version": "2",
+        "state": "rolled_back",
+        "reason": "trial: x",
+    }
+    view.handle("edge/a/update/state/mlp", json.dumps(report).encode())
+    view.handle(
+        "edge/b/update/state/mlp", json.dumps({**report, "job": "other", "state": "committed"}).encode()
+    )
+    rollout._reconcile(view)
+    states = {device: rollout.journal.state(device).value for device in "abcd"}
+    assert states == {"a": "rolled_back", "b": "offered", "c": "already", "d": "pending"}
+    assert rollout.journal.entry("b")["job"] == "job-b"  # b keeps its job: the re-run re-attaches to it
+    assert json.loads((tmp_path / "r.json").read_text())["status"]["a"]["reason"] == "trial: x"
+
+    rollout.journal.set("d", DeviceState.OFFERED, job="job-d", health_before="running")
+    assert rollout._unhealthy("d", _view(d=serving("2"))) is None
+    assert "health degraded after the update (was running)" in rollout._unhealthy(
+        "d", _view(d=serving("2", "degraded"))
+    )
+    assert "facts show mlp 1 serving, not 2 serving" in rollout._unhealthy("d", _view(d=serving("1")))
+    assert rollout._unhealthy("d", FleetView()) is None  # no facts at all: the device's own probation decides
