@@ -39,6 +39,7 @@ from edge_runtime.transports.mqtt.topics import DeviceTopics
 if TYPE_CHECKING:  # imported in start() only when enabled: a disabled transport costs no memory
     from edge_runtime.state.outbox import Outbox
     from edge_runtime.state.outbox_recovery import OutboxReset
+    from edge_runtime.telemetry.facts import FactsPublisher
     from edge_runtime.transports.http.server import HttpServer
     from edge_runtime.transports.mqtt.infer import MqttService
     from edge_runtime.transports.mqtt.link import MqttLink
@@ -100,6 +101,8 @@ class Daemon:
         self.sender: OutboxSender | None = None
         self.service: MqttService | None = None
         self.telemetry: TelemetryLoop | None = None
+        self.facts_publisher: FactsPublisher | None = None
+        self.profile_name = ""
         self.store: ModelStore | None = None
         self.updates: UpdateService | None = None
         self.failures: list[LoadFailure] = []
@@ -115,7 +118,13 @@ class Daemon:
 
     def dead_components(self, timeout: float = 1.0) -> list[str]:
         """The started components that do not answer now: http, mqtt, outbox-sender, telemetry."""
-        http, link, sender, telemetry = self.http, self.link, self.sender, self.telemetry
+        http, link, sender, telemetry, facts = (
+            self.http,
+            self.link,
+            self.sender,
+            self.telemetry,
+            self.facts_publisher,
+        )
         checks: dict[str, Callable[[], bool]] = {}
         if http is not None:
             checks["http"] = lambda: http.responsive(timeout)
@@ -126,6 +135,8 @@ class Daemon:
             checks["outbox-sender"] = lambda: sender.alive and time.monotonic() - sender.beat < SENDER_STALL_S
         if telemetry is not None:
             checks["telemetry"] = lambda: telemetry.alive
+        if facts is not None:
+            checks["facts"] = lambda: facts.alive
         dead = []
         for name, answers in checks.items():
             try:
@@ -176,10 +187,18 @@ class Daemon:
             models[failure.name] = {"state": "refused", "version": failure.version, "reason": failure.reason}
         return models
 
+    def facts(self) -> dict[str, Any]:
+        """The retained facts record: profile, groups, health, and each model's version and state."""
+        models = {name: {"version": info.get("version"), "state": info.get("state")}
+                  for name, info in self.model_telemetry().items()}  # fmt: skip
+        return {"profile": self.profile_name, "groups": list(self.settings.groups),
+                "health": self.health().value, "models": models}  # fmt: skip
+
     def start(self) -> None:
         """Load the models and start serving (HTTP at once; MQTT connects in the background)."""
         settings = self.settings
         profile = load_profile(settings.profile)
+        self.profile_name = profile.name
         self.registry = ModelRegistry(profile)
         self.store = self._open_store()
         self.failures = self.registry.load_all(self.store)
@@ -284,9 +303,24 @@ class Daemon:
             outbox_stats=sender.stats,
         )
         self._start_updates(link)
+        self._start_facts(link)
         link.start()
         sender.start()
         self.telemetry.start()
+        assert self.facts_publisher is not None
+        self.facts_publisher.start()
+
+    def _start_facts(self, link: MqttLink) -> None:
+        """The retained facts record, published after every connect and on every change."""
+        from edge_runtime.telemetry.facts import FactsPublisher
+
+        topic = self.topics.facts
+        self.facts_publisher = facts = FactsPublisher(
+            self.settings.device_id, compute=self.facts,
+            publish=lambda payload: link.publish(topic, payload, qos=1, retain=True),
+            epoch=lambda: link.connection_epoch if link.connected else None,
+        )  # fmt: skip
+        link.add_connection_listener(lambda up: facts.notify() if up else None)
 
     def _start_updates(self, link: MqttLink) -> None:
         """The model-update service on the update topics; unfinished jobs in its journal resume."""
@@ -306,6 +340,7 @@ class Daemon:
         self._stopping = True
         steps = [
             ("telemetry", self.telemetry.stop if self.telemetry else None),
+            ("facts", self.facts_publisher.stop if self.facts_publisher else None),
             ("updates", self.updates.stop if self.updates else None),
             ("outbox-sender", self.sender.stop if self.sender else None),
             ("mqtt", self.link.stop if self.link else None),

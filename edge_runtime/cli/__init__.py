@@ -31,6 +31,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flash": ("edge_runtime.cli.flash:flash", "Push a bundle to devices over MQTT (A/B, trial, rollback)."),
     "rollback": ("edge_runtime.cli.flash:rollback", "Return a device's model to its previous version."),
     "models": ("edge_runtime.cli.flash:models", "Show what a device has installed, active and serving."),
+    "devices": (
+        "edge_runtime.cli.devices:devices",
+        "List the fleet: presence, profile, health, models (--watch).",
+    ),
+    "rollout": (
+        "edge_runtime.cli.rollout:rollout",
+        "Push a bundle to a fleet in waves: canary first, stop on failures.",
+    ),
 }
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "decode_stream",
     "encode_error",
     "encode_event",
+    "encode_facts",
     "encode_presence",
     "encode_reply",
     "encode_request",
@@ -195,6 +196,12 @@ def encode_presence(state: Presence, device_id: str) -> bytes:
     return _dumps(
         {"v": PAYLOAD_VERSION, "device": device_id, "state": state.value, "ts": round(time.time(), 3)}
     )
+
+
+def encode_facts(device_id: str, facts: dict[str, Any]) -> bytes:
+    """The retained facts record: ``{"v": 1, "device": ..., "ts": ..., "profile": ..., "groups": [...],
+    "health": ..., "models": {name: {"version": ..., "state": ...}}}``."""
+    return _dumps({"v": PAYLOAD_VERSION, "device": device_id, "ts": round(time.time(), 3), **facts})
 
 
 def encode_telemetry(doc: dict[str, Any]) -> bytes:

@@ -176,6 +176,8 @@ class Settings:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     streams: tuple[StreamBinding, ...] = ()
+    groups: tuple[str, ...] = ()
+    """Fleet groups this device belongs to (``["line-3", "canary"]``), published in its facts record."""
     source: str = ""
     """The file the settings were read from."""
 
@@ -188,6 +190,8 @@ class Settings:
 def _check(settings: Settings, source: str) -> None:
     """Reject values that are well-typed but unusable."""
     check_level(settings.device_id, f"{source}: device_id")
+    for group in settings.groups:
+        check_level(group, f"{source}: groups")
     for port, key in ((settings.http.port, "http.port"), (settings.mqtt.port, "mqtt.port")):
         if not 0 <= port <= 65535:
             raise UsageError(f"{source}: {key} must be between 0 and 65535, got {port}")

@@ -3,6 +3,7 @@
 Layout, rooted at ``edge/<device_id>/``::
 
     status                 retained presence: "online" on connect, "offline" as the last will
+    facts                  retained facts: profile, groups, health, models and versions (on connect, on change)
     infer/<model>          inference requests in (v2-shaped JSON)
     reply/<model>          default reply topic when a request names none
     telemetry              periodic device + per-model telemetry (QoS 1, through the outbox)
@@ -39,6 +40,8 @@ __all__ = [
     "ROOT",
     "DeviceTopics",
     "broker_refuses",
+    "device_of",
+    "fleet_filter",
 ]
 
 ROOT = "edge"
@@ -61,6 +64,20 @@ def broker_refuses(char: str) -> bool:
     )
 
 
+def fleet_filter(suffix: str) -> str:
+    """The filter matching `suffix` (e.g. ``status``, ``update/state/+``) of every device."""
+    return check_topic(f"{ROOT}/+/{suffix}", wildcards=True)
+
+
+def device_of(topic: str) -> tuple[str, str] | None:
+    """(device id, the rest) of a topic under ``edge/<device>/``, or None if it is not one."""
+    root, _, tail = topic.partition("/")
+    device, _, rest = tail.partition("/")
+    if root != ROOT or not device or not rest or any(char in device for char in "+#\x00"):
+        return None
+    return device, rest
+
+
 @dataclass(frozen=True)
 class DeviceTopics:
     """The topics of one device."""
@@ -79,6 +96,11 @@ class DeviceTopics:
     def status(self) -> str:
         """Retained presence topic."""
         return f"{self.base}/status"
+
+    @property
+    def facts(self) -> str:
+        """Retained facts topic (profile, groups, health, models: what a fleet view shows at once)."""
+        return f"{self.base}/facts"
 
     @property
     def telemetry(self) -> str:
