@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,12 +17,23 @@ from typing import Any
 
 from edge_runtime.config.settings import MqttProtocol
 
-__all__ = ["LOOP_S", "Session", "Will"]
+__all__ = ["LOOP_S", "Session", "Will", "tls_reason"]
 
 log = logging.getLogger("edge_runtime.transports.mqtt.link")
 
 LOOP_S = 0.25
 """Longest wait in paho's select: the network loop beats at least this often."""
+
+
+def tls_reason(exc: BaseException) -> str:
+    """A TLS failure said the way a user can act on: the verify message, or OpenSSL's reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message} (is mqtt.ca_file the CA that signed the broker?)"
+    reason = getattr(exc, "reason", None) or str(exc)
+    text = str(reason).lower().replace("_", " ")
+    if "alert" in text:
+        return f"the broker rejected our client certificate ({text}; is mqtt.cert_file signed by the broker's CA?)"
+    return text
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,8 @@ class Session:
     refused: str | None = None
     """Why the broker refused the CONNECT, if it did."""
     downgrade: bool = False
+    denied: str | None = None
+    """Why the broker will not have us (TLS or credentials): retrying soon cannot help."""
     dropped: Any = None
     """The first disconnect reason (a paho ``ReasonCode``) of the current connection."""
     subscribe_mid: int | None = None
@@ -69,12 +83,15 @@ class Session:
 
     def open(self, host: str, port: int, keepalive: int) -> str | None:
         """Open the TCP connection and send CONNECT; None, or why it failed."""
-        self.beat, self.refused, self.dropped = time.monotonic(), None, None
+        self.beat, self.refused, self.dropped, self.denied = time.monotonic(), None, None, None
         self.connected_at = None
         try:
             self.client.connect(host, port, keepalive=keepalive)
         except socket.gaierror as exc:
             return f"cannot resolve MQTT broker host '{host}': {exc.strerror or exc}"
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            self.denied = f"TLS handshake with MQTT broker {host}:{port} failed: {tls_reason(exc)}"
+            return self.denied
         except (OSError, ValueError) as exc:
             return f"cannot connect to MQTT broker {host}:{port}: {exc}"
         return None
