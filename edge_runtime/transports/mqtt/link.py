@@ -60,11 +60,12 @@ _UNSUPPORTED_PROTOCOL = 132
 _DENIED = {
     133: "the client id is not valid for this broker",
     134: "check mqtt.username and the password",
-    135: "the broker's ACL or authentication does not admit this client",
+    135: "wrong user name or password, or a client the broker does not admit",
     138: "this client is banned",
     140: "the broker wants another authentication method",
 }
-"""CONNACK reasons that retrying with the same settings cannot fix (3.1.1's 4 and 5 map to 134, 135)."""
+"""CONNACK reasons that retrying with the same settings cannot fix (3.1.1's 4 and 5 map to 134, 135).
+Mosquitto answers a wrong password with 135 under MQTT 5."""
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -550,7 +551,7 @@ class MqttLink:
             self.pingresps += 1
         elif level == paho.MQTT_LOG_ERR and "[SSL" in text and session.connected_at is None:
             # The broker refused our certificate after the handshake (TLS 1.3): paho only logs it.
-            cause = ssl.SSLError(text.split("] ", 1)[-1].split(" (_ssl.c")[0])
+            cause = text.split("] ", 1)[-1].split(" (_ssl.c")[0]
             where = f"{self.settings.host}:{self.settings.port}"
             session.denied = f"TLS with MQTT broker {where} failed: {tls_reason(cause)}"
 

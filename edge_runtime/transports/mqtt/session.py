@@ -25,14 +25,20 @@ LOOP_S = 0.25
 """Longest wait in paho's select: the network loop beats at least this often."""
 
 
-def tls_reason(exc: BaseException) -> str:
-    """A TLS failure said the way a user can act on: the verify message, or OpenSSL's reason."""
+def tls_reason(exc: BaseException | str) -> str:
+    """A TLS failure (an exception, or the text paho logged) said the way a user can act on."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message} (is mqtt.ca_file the CA that signed the broker?)"
-    reason = getattr(exc, "reason", None) or str(exc)
+        return (
+            f"certificate verify failed: {exc.verify_message} "
+            "(is the CA file, mqtt.ca_file or --ca-file, the one that signed the broker?)"
+        )
+    reason = exc if isinstance(exc, str) else getattr(exc, "reason", None) or str(exc)
     text = str(reason).lower().replace("_", " ")
     if "alert" in text:
-        return f"the broker rejected our client certificate ({text}; is mqtt.cert_file signed by the broker's CA?)"
+        return (
+            f"the broker rejected our client certificate ({text}; is the client certificate, "
+            "mqtt.cert_file or --cert-file, signed by the CA the broker trusts?)"
+        )
     return text
 
 
