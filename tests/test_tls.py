@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_runtime.cli import cli
+from edge_runtime.core.errors import TransientError
 from edge_runtime.fleet.certs import CertRole, make_ca, make_cert
 from tests.broker import Broker, BrokerTls, Probe, client_tls, eventually, install_models, write_daemon_config
 from tests.mlp_models import INPUT_NAME, make_weights, reference_forward
@@ -293,3 +294,18 @@ def test_edgectl_refused_is_one_line_at_once(
             result.output,
             time.monotonic() - started,
         )  # not a timeout
+
+
+def test_a_broker_that_is_down_is_not_a_refusal() -> None:
+    from edge_runtime.client.broker import Broker as Target
+    from tests.broker import free_port
+
+    link = Target("127.0.0.1", free_port(), tls=True).link("down")
+    link.start()
+    try:
+        assert not link.wait_connected(1.0)
+        assert link.refusal() is None  # transient: edgectl waits out its --timeout, the daemon retries
+        with pytest.raises(TransientError, match=r"cannot connect to the MQTT broker at .* within 0\.5 s"):
+            link.require_connected(0.5)
+    finally:
+        link.stop(timeout=1.0)
