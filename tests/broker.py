@@ -1,5 +1,9 @@
 """A real Mosquitto broker on a free 127.0.0.1 port for the MQTT tests, plus a small paho probe client.
 
+With `BrokerTls`, the broker runs the shipped examples/mosquitto/mosquitto.conf and acl instead
+(client-certificate listener on `port`, password listener on `password_port`, both TLS), and
+`Probe(..., tls=client_tls(...), auth=...)` connects to it.
+
 The `broker` fixture skips the test when the `mosquitto` binary is missing, unless
 EDGE_REQUIRE_MOSQUITTO=1 (CI), which makes that a failure. The broker can be stopped and started
 again mid-test on the same port (outage tests).

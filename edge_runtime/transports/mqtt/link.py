@@ -17,6 +17,12 @@ grow exponentially with jitter between ``reconnect_min_s`` and ``reconnect_max_s
 taken over by another client with the same id (MQTT 5 reason 0x8E, or a broker that keeps closing
 the connection right after accepting it) is an ERROR naming the client id, and the delays keep
 growing instead of flapping. MQTT 5 first, falling back to 3.1.1 if the broker refuses it.
+
+A broker that will not have us (TLS handshake failed, our certificate rejected, bad user name or
+password, not authorized, banned) is an ERROR naming the cause, and the delay jumps to
+``reconnect_max_s`` until a connect succeeds: the same settings will be refused again.
+`MqttLink.refusal` says why, so `wait_connected` and `require_connected` (edgectl) return at once
+instead of waiting out their timeout; a broker that is down or unreachable is not a refusal.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import functools
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +54,8 @@ from edge_runtime.transports.mqtt.dispatch import (
     Route,
 )
 from edge_runtime.transports.mqtt.retry import Backoff, DropWatch
-from edge_runtime.transports.mqtt.session import Session, Will, tls_reason
+from edge_runtime.transports.mqtt.security import DENIED, credentials, tls_context, tls_reason
+from edge_runtime.transports.mqtt.session import Session, Will
 
 __all__ = ["Incoming", "MqttLink", "Refusal", "Refused", "Will", "credentials", "tls_context"]
 
@@ -57,15 +63,6 @@ log = logging.getLogger(__name__)
 
 _UNSUPPORTED_PROTOCOL = 132
 """CONNACK reason "Unsupported Protocol Version" (paho maps a 3.1.1 broker's refusal to it)."""
-_DENIED = {
-    133: "the client id is not valid for this broker",
-    134: "check mqtt.username and the password",
-    135: "wrong user name or password, or a client the broker does not admit",
-    138: "this client is banned",
-    140: "the broker wants another authentication method",
-}
-"""CONNACK reasons that retrying with the same settings cannot fix (3.1.1's 4 and 5 map to 134, 135).
-Mosquitto answers a wrong password with 135 under MQTT 5."""
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -73,38 +70,6 @@ def _no_delay(sock: object) -> None:
     """Disable Nagle: replies are small and latency-bound (paho leaves it on)."""
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
-    """The TLS context for `settings` (None without TLS); UsageError naming the file that cannot be used."""
-    if not settings.uses_tls:
-        return None
-    try:
-        context = ssl.create_default_context(cafile=settings.ca_file or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot use mqtt.ca_file '{settings.ca_file}': {exc}") from exc
-    if settings.cert_file:
-        try:
-            context.load_cert_chain(settings.cert_file, settings.key_file or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(
-                f"cannot use the client certificate '{settings.cert_file}' with key '{settings.key_file}': {exc}"
-            ) from exc
-    return context
-
-
-def credentials(settings: MqttSettings) -> tuple[str, str | None] | None:
-    """(username, password) to send, the password read from ``password_file`` when given; None: anonymous."""
-    password = settings.password or None
-    if settings.password_file:
-        try:
-            with open(settings.password_file, encoding="utf-8") as file:
-                password = file.readline().rstrip("\r\n") or None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read mqtt.password_file '{settings.password_file}': {exc}") from exc
-    if not settings.username:
-        return None
-    return settings.username, password
 
 
 class MqttLink:
@@ -496,8 +461,8 @@ class MqttLink:
                 and self.settings.fallback
             )
             session.refused = f"MQTT broker {where} refused the connection: {reason}"
-            if reason.value in _DENIED:
-                session.denied = f"{session.refused} ({_DENIED[reason.value]})"
+            if reason.value in DENIED:
+                session.denied = f"{session.refused} ({DENIED[reason.value]})"
             return
         session.connected_at = time.monotonic()
         self._refusal = None

@@ -16,30 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_runtime.config.settings import MqttProtocol
+from edge_runtime.transports.mqtt.security import tls_reason
 
-__all__ = ["LOOP_S", "Session", "Will", "tls_reason"]
+__all__ = ["LOOP_S", "Session", "Will"]
 
 log = logging.getLogger("edge_runtime.transports.mqtt.link")
 
 LOOP_S = 0.25
 """Longest wait in paho's select: the network loop beats at least this often."""
-
-
-def tls_reason(exc: BaseException | str) -> str:
-    """A TLS failure (an exception, or the text paho logged) said the way a user can act on."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            f"certificate verify failed: {exc.verify_message} "
-            "(is the CA file, mqtt.ca_file or --ca-file, the one that signed the broker?)"
-        )
-    reason = exc if isinstance(exc, str) else getattr(exc, "reason", None) or str(exc)
-    text = str(reason).lower().replace("_", " ")
-    if "alert" in text:
-        return (
-            f"the broker rejected our client certificate ({text}; is the client certificate, "
-            "mqtt.cert_file or --cert-file, signed by the CA the broker trusts?)"
-        )
-    return text
 
 
 @dataclass(frozen=True)
