@@ -1,5 +1,9 @@
 """A real Mosquitto broker on a free 127.0.0.1 port for the MQTT tests, plus a small paho probe client.
 
+With `BrokerTls`, the broker runs the shipped examples/mosquitto/mosquitto.conf and acl instead
+(client-certificate listener on `port`, password listener on `password_port`, both TLS), and
+`Probe(..., tls=client_tls(...), auth=...)` connects to it.
+
 The `broker` fixture skips the test when the `mosquitto` binary is missing, unless
 EDGE_REQUIRE_MOSQUITTO=1 (CI), which makes that a failure. The broker can be stopped and started
 again mid-test on the same port (outage tests).
@@ -11,6 +15,7 @@ import getpass
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -24,9 +29,37 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-__all__ = ["Broker", "Probe", "Received", "broker_fixture", "eventually", "free_port", "require_binary"]
+__all__ = [
+    "Broker",
+    "BrokerTls",
+    "Probe",
+    "Received",
+    "broker_fixture",
+    "client_tls",
+    "eventually",
+    "free_port",
+    "require_binary",
+]
 
 HOST = "127.0.0.1"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mosquitto"
+"""The shipped Mosquitto configuration and ACL (the TLS tests run exactly these)."""
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """The fleet CA folder (from `edge_runtime.fleet.certs`): ca.crt and the broker's broker.crt/.key."""
+
+    certs: Path
+    """Folder holding ca.crt, broker.crt and broker.key."""
+
+
+def client_tls(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A client TLS context trusting `ca`, presenting `cert`/`key` when given."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    return context
 
 
 def require_binary(name: str) -> str:
@@ -60,34 +93,64 @@ class Broker:
     """One mosquitto process with a generated config; `stop()` / `start()` keep the port."""
 
     def __init__(
-        self, directory: Path, *, persistence: bool = False, users: dict[str, str] | None = None
+        self,
+        directory: Path,
+        *,
+        persistence: bool = False,
+        users: dict[str, str] | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
+        """Plain MQTT on `port`; with `tls`, the shipped example instead: `port` takes client
+        certificates (CN = user name), `password_port` takes user names and passwords, both over TLS,
+        both confined by the shipped acl."""
         self.binary = require_binary("mosquitto")
         self.directory = directory
         self.port = free_port()
+        self.password_port = free_port() if tls else 0
         self.persistence = persistence
         self.process: subprocess.Popen | None = None
         self.config = directory / "mosquitto.conf"
         lines = [
-            f"listener {self.port} {HOST}",
-            f"allow_anonymous {'false' if users else 'true'}",
-            f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {directory}/",
             "max_queued_messages 100000",
             "log_type error",
             "log_type warning",
+            "log_type notice",
             # Run as ourselves: as root, mosquitto switches to user "mosquitto", who can neither write
             # its persistence file nor read a password file in pytest's private tmp folder.
             f"user {getpass.getuser()}",
         ]
-        if users:
-            lines.append(f"password_file {self._password_file(users)}")
+        if tls is not None:
+            lines = [
+                *self._example(tls, users or {}),
+                f"persistence {'true' if persistence else 'false'}",
+                *lines,
+            ]
+        else:
+            lines = [f"listener {self.port} {HOST}", f"allow_anonymous {'false' if users else 'true'}",
+                     f"persistence {'true' if persistence else 'false'}", *lines]  # fmt: skip
+            if users:
+                lines.append(f"password_file {self._password_file(users)}")
         self.config.write_text("\n".join(lines) + "\n")
+
+    def _example(self, tls: BrokerTls, users: dict[str, str]) -> list[str]:
+        """The shipped mosquitto.conf with this test's files and ports (and the shipped acl)."""
+        shutil.copy(EXAMPLE / "acl", self.directory / "acl")
+        self._password_file(users)
+        text = (EXAMPLE / "mosquitto.conf").read_text()
+        text = text.replace("/etc/mosquitto/certs/", f"{tls.certs}/").replace(
+            "/etc/mosquitto/", f"{self.directory}/"
+        )
+        text = text.replace("listener 8883\n", f"listener {self.port} {HOST}\n")
+        text = text.replace("listener 8884\n", f"listener {self.password_port} {HOST}\n")
+        kept = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return [line for line in kept if not line.startswith("persistence ")]
 
     def _password_file(self, users: dict[str, str]) -> Path:
         """A Mosquitto password file for `users` (name -> password), made with mosquitto_passwd."""
         path = self.directory / "passwords"
         path.write_text("")
+        path.chmod(0o600)
         for name, password in users.items():
             subprocess.run([require_binary("mosquitto_passwd"), "-b", str(path), name, password], check=True)
         return path
@@ -96,6 +159,12 @@ class Broker:
     def address(self) -> str:
         """HOST:PORT."""
         return f"{HOST}:{self.port}"
+
+    @property
+    def log_text(self) -> str:
+        """What mosquitto logged so far."""
+        path = self.directory / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self, timeout: float = 10.0) -> None:
         """Start mosquitto and wait until it accepts connections."""
@@ -144,7 +213,17 @@ class Received:
 class Probe:
     """A plain paho client for tests: subscribes, records what arrives, publishes."""
 
-    def __init__(self, broker: Broker, *, protocol: int = 5, client_id: str = "", clean: bool = True) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        protocol: int = 5,
+        client_id: str = "",
+        clean: bool = True,
+        tls: ssl.SSLContext | None = None,
+        port: int = 0,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         version = MQTTProtocolVersion.MQTTv5 if protocol == 5 else MQTTProtocolVersion.MQTTv311
         clean_session = None if protocol == 5 else clean
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version,
@@ -157,14 +236,21 @@ class Probe:
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]
+        if tls is not None:
+            self.client.tls_set_context(tls)
+        if auth is not None:
+            self.client.username_pw_set(*auth)
+        self.suback: list[object] = []
+        """The reason codes of the last SUBACK."""
+        port = port or broker.port
         properties = None
         if protocol == 5 and not clean:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = 3600
         if protocol == 5:
-            self.client.connect(HOST, broker.port, keepalive=10, clean_start=clean, properties=properties)
+            self.client.connect(HOST, port, keepalive=10, clean_start=clean, properties=properties)
         else:
-            self.client.connect(HOST, broker.port, keepalive=10)
+            self.client.connect(HOST, port, keepalive=10)
         self.client.loop_start()
         assert self._connected.wait(10), "probe could not connect"
 
@@ -186,7 +272,12 @@ class Probe:
         """Subscribe and wait for the SUBACK."""
         self._filters.append((topic, qos))
         done = threading.Event()
-        self.client.on_subscribe = lambda *_args: done.set()
+
+        def on_subscribe(_c: object, _u: object, _mid: int, reasons: list[object], _p: object) -> None:
+            self.suback = list(reasons)
+            done.set()
+
+        self.client.on_subscribe = on_subscribe
         self.client.subscribe(topic, qos)
         assert done.wait(10), f"no SUBACK for {topic}"
 
@@ -211,6 +302,21 @@ class Probe:
         self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties).wait_for_publish(
             10
         )
+
+    def publish_ack(self, topic: str, payload: bytes, *, qos: int = 1) -> object:
+        """Publish at `qos` >= 1 and return the broker's PUBACK reason code (MQTT 5: says when refused)."""
+        acked = threading.Event()
+        reasons: dict[int, object] = {}
+
+        def on_publish(_c: object, _u: object, mid: int, reason: object, _p: object) -> None:
+            reasons[mid] = reason
+            acked.set()
+
+        self.client.on_publish = on_publish
+        info = self.client.publish(topic, payload, qos=qos)
+        assert acked.wait(10), f"no PUBACK for {topic}"
+        self.client.on_publish = None
+        return reasons[info.mid]
 
     def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 15.0) -> list[Received]:
         """Wait until `predicate(received)` holds; return a copy of what was received."""

@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "edge_runtime.cli.rollout:rollout",
         "Push a bundle to a fleet in waves: canary first, stop on failures.",
     ),
+    "certs": (
+        "edge_runtime.cli.certs:certs",
+        "Mint a throwaway CA and device, operator and broker certificates.",
+    ),
 }
 
 

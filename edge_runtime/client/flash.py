@@ -275,8 +275,7 @@ def flash(
     session.attach()
     link.start()
     try:
-        if not link.wait_connected(min(timeout, 15.0)):
-            raise TransientError(f"cannot connect to the MQTT broker at {broker}")
+        link.require_connected(min(timeout, 15.0))
         return session.run(timeout, offer_retry_s)
     finally:
         link.stop(timeout=2.0)
@@ -324,8 +323,7 @@ def command(
     link.subscribe(topics.update_reply(token), on_reply, qos=1)
     link.start()
     try:
-        if not link.wait_connected(min(timeout, 15.0)):
-            raise TransientError(f"cannot connect to the MQTT broker at {broker}")
+        link.require_connected(min(timeout, 15.0))
         doc: dict[str, Any] = {"op": op.value, "token": token}
         if model is not None:
             doc["model"] = model

@@ -59,7 +59,8 @@ def predict_mqtt(
     if isinstance(broker, str):
         broker = Broker.of(broker, protocol=MqttProtocol(protocol))
     token = uuid.uuid4().hex[:12]
-    reply_topic = f"edgectl/{token}/reply"
+    topics = DeviceTopics(device_id)
+    reply_topic = topics.inbox(token, "reply")  # under the device's tree: a broker ACL admits it
     link = broker.link(token, workers=1, reconnect_min_s=0.5, reconnect_max_s=30.0)
     replies: list[bytes] = []
     arrived = threading.Event()
@@ -71,11 +72,10 @@ def predict_mqtt(
     link.subscribe(reply_topic, on_reply, qos=1)
     link.start()
     try:
-        if not link.wait_connected(timeout):
-            raise TransientError(f"cannot connect to the MQTT broker at {broker} within {timeout:g} s")
+        link.require_connected(timeout)
         v311 = link.protocol is MqttProtocol.V311
         payload = encode_request(request, reply_to=reply_topic if v311 else None)
-        topic = DeviceTopics(device_id).infer(request.model)
+        topic = topics.infer(request.model)
         link.publish(topic, payload, qos=1, response_topic=reply_topic, correlation_data=token.encode())
         if not arrived.wait(timeout):
             raise TransientError(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,6 +30,7 @@ __all__ = [
     "Settings",
     "StreamBinding",
     "TelemetrySettings",
+    "check_files",
     "load_settings",
     "parse_settings",
 ]
@@ -70,13 +73,38 @@ class HttpSettings:
     """... and only for models whose recent requests took less than this."""
     workers: int = 4
     """Threads that decode, run and encode requests too large or slow to answer on the loop."""
+    token_file: str = ""
+    """A file whose first line is the bearer token every request must carry (``Authorization: Bearer``);
+    the health endpoints stay open for probes. Empty: no token."""
+    cert_file: str = ""
+    """PEM server certificate: serve HTTPS (needs ``key_file``)."""
+    key_file: str = ""
+    """PEM private key of ``cert_file``."""
+    client_ca_file: str = ""
+    """PEM CA(s): clients must present a certificate signed by one (mutual TLS; needs ``cert_file``)."""
+
+    @property
+    def uses_tls(self) -> bool:
+        """True when the server speaks HTTPS."""
+        return bool(self.cert_file)
+
+    @property
+    def authenticated(self) -> bool:
+        """True when a request must prove who sent it (bearer token or client certificate)."""
+        return bool(self.token_file or self.client_ca_file)
 
     def check(self, source: str) -> None:
-        """UsageError naming the first limit that is not positive."""
+        """UsageError naming the first limit that is not positive, or a TLS file without its partner."""
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
-            if item.name not in ("enabled", "host", "port") and value <= 0:
+            if item.name not in ("enabled", "host", "port") and not isinstance(value, str) and value <= 0:
                 raise UsageError(f"{source}: http.{item.name} must be positive, got {value}")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise UsageError(f"{source}: http.cert_file and http.key_file go together (HTTPS needs both)")
+        if self.client_ca_file and not self.cert_file:
+            raise UsageError(
+                f"{source}: http.client_ca_file (mutual TLS) needs http.cert_file and http.key_file"
+            )
 
 
 @dataclass(frozen=True)
@@ -250,6 +278,14 @@ def _resolve(settings: Settings, base: Path) -> Settings:
     def absolute(value: str) -> str:
         return str(base / value) if value and not Path(value).is_absolute() else value
 
+    http = dataclasses.replace(
+        settings.http,
+        token_file=absolute(settings.http.token_file),
+        cert_file=absolute(settings.http.cert_file),
+        key_file=absolute(settings.http.key_file),
+        client_ca_file=absolute(settings.http.client_ca_file),
+    )
+
     profile = absolute(settings.profile) if settings.profile.endswith(".toml") else settings.profile
     outbox = dataclasses.replace(settings.outbox, path=absolute(settings.outbox.path))
     mqtt = dataclasses.replace(
@@ -262,11 +298,63 @@ def _resolve(settings: Settings, base: Path) -> Settings:
     return dataclasses.replace(
         settings,
         profile=profile,
+        http=http,
         mqtt=mqtt,
         store=absolute(settings.store),
         public_key=absolute(settings.public_key),
         outbox=outbox,
     )
+
+
+def _check_file(path: str, key: str, source: str) -> None:
+    """UsageError unless `path` (when set) is a readable file."""
+    if not path:
+        return
+    if not os.path.isfile(path):
+        raise UsageError(f"{source}: {key} '{path}' does not exist or is not a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{source}: {key} '{path}' is not readable by this user")
+
+
+def _check_tls_pair(cert: str, key: str, ca: str, names: tuple[str, str, str], source: str) -> None:
+    """UsageError when the CA, or the certificate and key, cannot be loaded (wrong PEM, key of another cert)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"{source}: {names[0]} '{ca}' holds no usable PEM certificate: {exc}") from None
+    if cert:
+        try:
+            context.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"{source}: {names[1]} '{cert}' and {names[2]} '{key}' do not load as a "
+                f"PEM certificate and its private key: {exc}"
+            ) from None
+
+
+def check_files(settings: Settings) -> None:
+    """UsageError naming the first TLS, token or password file that is missing, unreadable or unusable."""
+    source, mqtt, http = settings.source, settings.mqtt, settings.http
+    files = {
+        "mqtt.ca_file": mqtt.ca_file,
+        "mqtt.cert_file": mqtt.cert_file,
+        "mqtt.key_file": mqtt.key_file,
+        "mqtt.password_file": mqtt.password_file,
+        "http.token_file": http.token_file,
+        "http.cert_file": http.cert_file,
+        "http.key_file": http.key_file,
+        "http.client_ca_file": http.client_ca_file,
+    }
+    for key, path in files.items():
+        _check_file(path, key, source)
+    if mqtt.enabled:
+        _check_tls_pair(mqtt.cert_file, mqtt.key_file, mqtt.ca_file,
+                        ("mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file"), source)  # fmt: skip
+    if http.enabled:
+        _check_tls_pair(http.cert_file, http.key_file, http.client_ca_file,
+                        ("http.client_ca_file", "http.cert_file", "http.key_file"), source)  # fmt: skip
 
 
 def parse_settings(text: str, source: str, base: Path | None = None) -> Settings:
@@ -290,4 +378,6 @@ def load_settings(path: Path) -> Settings:
         raise UsageError(f"cannot read settings {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise UsageError(f"settings {path} are not UTF-8 text: {exc}") from exc
-    return parse_settings(text, str(path), path.resolve().parent)
+    settings = parse_settings(text, str(path), path.resolve().parent)
+    check_files(settings)
+    return settings

@@ -5,6 +5,7 @@ a time); what a client gets when it hits one::
 
     head over max_header_bytes (terminator found or not)      431, close
     head incomplete header_timeout_s after its first byte     408, close
+    no valid bearer token (http.token_file set)               401 before the body is read, close
     Content-Length over the body limit                        413 before the body is read, close
     body slower than body_timeout_s + n / body_min_bytes_per_s 408, close
     bodies held over all connections > max_pending_body_bytes 503, close
@@ -29,6 +30,7 @@ from edge_runtime.codecs import v2
 from edge_runtime.config.settings import HttpSettings
 from edge_runtime.core.errors import RequestError
 from edge_runtime.serving.dataplane import Failure, failure_of
+from edge_runtime.transports.http.auth import BearerAuth
 
 __all__ = [
     "DRAIN_SECONDS",
@@ -47,6 +49,7 @@ _REASONS = {
     100: "Continue",
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -145,6 +148,8 @@ class ConnectionHost(Protocol):
 
     settings: HttpSettings
     max_body_bytes: int
+    auth: BearerAuth | None
+    """Checks each request's bearer token (None: no token needed)."""
 
     def route(self, head: Head, body: bytes) -> Response | Job:
         """The response to a request, or a job that computes it on a worker."""
@@ -218,7 +223,8 @@ class Connection(asyncio.Protocol):
         if self.closing:
             self._close()
         self._process()
-        return True
+        # Keep the write side open to answer (plain TCP); TLS has no half-close, asyncio closes it.
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -360,6 +366,10 @@ class Connection(asyncio.Protocol):
 
     def _refusal(self, head: Head) -> Failure | None:
         """Why a well-formed head is refused before its body is read, if it is."""
+        auth = self.host.auth
+        if auth is not None and not auth.allows(head.path, head.headers.get("authorization")):
+            self.host.count("unauthorized")
+            return Failure(401, "missing or wrong bearer token (send Authorization: Bearer <token>)")
         if head.headers.get("transfer-encoding", "identity").lower() != "identity":
             return Failure(411, "chunked request bodies are not supported; send Content-Length")
         limit = self.host.max_body_bytes
@@ -429,7 +439,10 @@ class Connection(asyncio.Protocol):
             return
         self._cancel_timer()
         self._release()
-        transport.write(error_response(failure).to_bytes(keep_alive=False))
+        response = error_response(failure)
+        if failure.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="edge-runtime"'
+        transport.write(response.to_bytes(keep_alive=False))
         self.closing = True
         self.buffer = bytearray()
         if self._reading_paused:

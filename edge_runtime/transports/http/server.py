@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from typing import Any
 from edge_runtime.config.settings import HttpSettings
 from edge_runtime.core.errors import UnavailableError, UsageError
 from edge_runtime.serving.dataplane import DataPlane, Failure, failure_of
+from edge_runtime.transports.http.auth import BearerAuth, server_tls_context, warn_if_exposed
 from edge_runtime.transports.http.protocol import Connection, Head, Job, Response, error_response
 from edge_runtime.transports.http.routes import Router
 
@@ -151,6 +153,8 @@ class HttpServer:
         self.port = self.settings.port if port is None else port
         self.max_body_bytes = dataplane.max_request_bytes if max_body_bytes is None else max_body_bytes
         self.router = Router(dataplane, self.settings)
+        self.auth = BearerAuth.from_file(self.settings.token_file) if self.settings.token_file else None
+        self._tls = server_tls_context(self.settings)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             self.settings.workers, thread_name_prefix="http-infer"
         )
@@ -221,11 +225,19 @@ class HttpServer:
         connection = Connection(self, refuse=refuse)
         (self._connections if refuse is None else self._refused).add(connection)
         assert self._loop is not None
-        task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: connection, sock))
+        if self._tls is None:
+            accepted = self._loop.connect_accepted_socket(lambda: connection, sock)
+        else:  # the handshake (and the client certificate check) is bounded like a request head
+            accepted = self._loop.connect_accepted_socket(
+                lambda: connection, sock, ssl=self._tls, ssl_handshake_timeout=self.settings.header_timeout_s
+            )
+        task = self._loop.create_task(accepted)
         task.add_done_callback(lambda done: self._adopted(done, connection, sock))
 
     def _adopted(self, task: asyncio.Task, connection: Connection, sock: socket.socket) -> None:
         if task.cancelled() or task.exception() is not None:
+            if not task.cancelled() and isinstance(task.exception(), (ssl.SSLError, OSError)):
+                self.count("tls_refused")
             self.closed(connection)
             sock.close()
 
@@ -298,7 +310,11 @@ class HttpServer:
             raise UsageError(
                 f"cannot listen on {self.host}:{self.port}: {error.strerror or error}"
             ) from error
-        log.info("HTTP v2 API on http://%s:%d", self.host, self.port)
+        scheme = "http" if self._tls is None else "https"
+        who = ", bearer token" if self.auth else ""
+        who += ", client certificates" if self.settings.client_ca_file else ""
+        log.info("HTTP v2 API on %s://%s:%d%s", scheme, self.host, self.port, who)
+        warn_if_exposed(self.settings, self.host, self.port)
 
     def responsive(self, timeout: float) -> bool:
         """True if the event loop runs a callback within `timeout` seconds (the watchdog's check)."""

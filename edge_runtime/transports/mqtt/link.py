@@ -17,6 +17,12 @@ grow exponentially with jitter between ``reconnect_min_s`` and ``reconnect_max_s
 taken over by another client with the same id (MQTT 5 reason 0x8E, or a broker that keeps closing
 the connection right after accepting it) is an ERROR naming the client id, and the delays keep
 growing instead of flapping. MQTT 5 first, falling back to 3.1.1 if the broker refuses it.
+
+A broker that will not have us (TLS handshake failed, our certificate rejected, bad user name or
+password, not authorized, banned) is an ERROR naming the cause, and the delay jumps to
+``reconnect_max_s`` until a connect succeeds: the same settings will be refused again.
+`MqttLink.refusal` says why, so `wait_connected` and `require_connected` (edgectl) return at once
+instead of waiting out their timeout; a broker that is down or unreachable is not a refusal.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import functools
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +42,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_runtime.config.settings import MqttProtocol, MqttSettings
-from edge_runtime.core.errors import UsageError
+from edge_runtime.core.errors import TransientError, UsageError
 from edge_runtime.transports.mqtt.dispatch import (
     AckBook,
     Dispatcher,
@@ -49,6 +54,7 @@ from edge_runtime.transports.mqtt.dispatch import (
     Route,
 )
 from edge_runtime.transports.mqtt.retry import Backoff, DropWatch
+from edge_runtime.transports.mqtt.security import DENIED, credentials, tls_context, tls_reason
 from edge_runtime.transports.mqtt.session import Session, Will
 
 __all__ = ["Incoming", "MqttLink", "Refusal", "Refused", "Will", "credentials", "tls_context"]
@@ -66,38 +72,6 @@ def _no_delay(sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
-    """The TLS context for `settings` (None without TLS); UsageError naming the file that cannot be used."""
-    if not settings.uses_tls:
-        return None
-    try:
-        context = ssl.create_default_context(cafile=settings.ca_file or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot use mqtt.ca_file '{settings.ca_file}': {exc}") from exc
-    if settings.cert_file:
-        try:
-            context.load_cert_chain(settings.cert_file, settings.key_file or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(
-                f"cannot use the client certificate '{settings.cert_file}' with key '{settings.key_file}': {exc}"
-            ) from exc
-    return context
-
-
-def credentials(settings: MqttSettings) -> tuple[str, str | None] | None:
-    """(username, password) to send, the password read from ``password_file`` when given; None: anonymous."""
-    password = settings.password or None
-    if settings.password_file:
-        try:
-            with open(settings.password_file, encoding="utf-8") as file:
-                password = file.readline().rstrip("\r\n") or None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read mqtt.password_file '{settings.password_file}': {exc}") from exc
-    if not settings.username:
-        return None
-    return settings.username, password
-
-
 class MqttLink:
     """A broker connection that survives outages, dispatching received messages to worker threads."""
 
@@ -113,6 +87,7 @@ class MqttLink:
         self.retry_delays: list[tuple[float, float]] = []
         """The last (nominal, drawn) reconnect delays in seconds, newest last."""
         self.dispatcher = Dispatcher(settings.workers, settings.queue_size, settings.queue_bytes)
+        self._refusal: str | None = None
         self._ack_listeners: list[Callable[[int, bool], None]] = []
         self._acks = AckBook()
         self._local = threading.local()
@@ -177,8 +152,30 @@ class MqttLink:
         return self._drops.takeovers
 
     def wait_connected(self, timeout: float) -> bool:
-        """Block until connected (True) or `timeout` seconds passed (False)."""
-        return self._connected.wait(timeout) and self.connected
+        """Block until connected (True), or `timeout` seconds passed or the broker refused us (False)."""
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if self._refusal is not None or time.monotonic() >= deadline:
+                return False
+        return self.connected
+
+    def refusal(self) -> str | None:
+        """Why the broker will not have us (TLS, credentials, ACL), until a connect succeeds; else None.
+
+        A broker that is down or unreachable is not a refusal: that is transient.
+        """
+        return self._refusal
+
+    def require_connected(self, timeout: float) -> None:
+        """Wait until connected: UsageError at once when refused (TLS, credentials), TransientError on timeout."""
+        if self.wait_connected(timeout):
+            return
+        refusal = self._refusal
+        if refusal is not None:
+            raise UsageError(refusal)
+        raise TransientError(
+            f"cannot connect to the MQTT broker at {self.settings.address} within {timeout:g} s"
+        )
 
     def problem(self) -> str | None:
         """Why the link cannot work now (a thread died or is stuck), or None; a broker outage is not one."""
@@ -381,12 +378,22 @@ class MqttLink:
                 log.warning("broker refused MQTT 5; retrying with MQTT 3.1.1")
                 self._replace(session, MqttProtocol.V311, "MQTT 3.1.1 fallback")
                 return
+            if session.denied is not None:
+                self._denied(session.denied)
             self._wait_retry(session, failure)
+
+    def _denied(self, why: str) -> None:
+        """The broker will not have us: an ERROR naming the cause, and the longest delay until a connect works."""
+        self._refusal = f"{why} (client id '{self.client_id}')"
+        log.error("%s; retrying only every %.0f s", self._refusal, self._backoff.maximum)
+        self._backoff.longest()
 
     def _ended(self, session: Session) -> str:
         """After a connection ended: what to log (and an ERROR when another client has our id)."""
         if session is self._session:
             self._lost(session)
+        if session.denied is not None:
+            return session.denied
         if session.refused is not None:
             return session.refused
         if session.connected_at is None:
@@ -454,8 +461,11 @@ class MqttLink:
                 and self.settings.fallback
             )
             session.refused = f"MQTT broker {where} refused the connection: {reason}"
+            if reason.value in DENIED:
+                session.denied = f"{session.refused} ({DENIED[reason.value]})"
             return
         session.connected_at = time.monotonic()
+        self._refusal = None
         log.info("connected to %s (MQTT %s)", where, session.protocol.value)
         routes = self.dispatcher.routes
         if routes:
@@ -501,9 +511,14 @@ class MqttLink:
         for listener in self._ack_listeners:
             self._call_listener(listener, mid, ok)
 
-    def _on_log(self, session: Session, _c: paho.Client, _u: object, _level: int, text: str) -> None:
+    def _on_log(self, session: Session, _c: paho.Client, _u: object, level: int, text: str) -> None:
         if text == "Received PINGRESP":
             self.pingresps += 1
+        elif level == paho.MQTT_LOG_ERR and "[SSL" in text and session.connected_at is None:
+            # The broker refused our certificate after the handshake (TLS 1.3): paho only logs it.
+            cause = text.split("] ", 1)[-1].split(" (_ssl.c")[0]
+            where = f"{self.settings.host}:{self.settings.port}"
+            session.denied = f"TLS with MQTT broker {where} failed: {tls_reason(cause)}"
 
     def _call_listener(self, listener: Callable[..., None], *args: Any) -> None:
         try:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge_runtime.config.settings import MqttProtocol
+from edge_runtime.transports.mqtt.security import tls_reason
 
 __all__ = ["LOOP_S", "Session", "Will"]
 
@@ -51,6 +53,8 @@ class Session:
     refused: str | None = None
     """Why the broker refused the CONNECT, if it did."""
     downgrade: bool = False
+    denied: str | None = None
+    """Why the broker will not have us (TLS or credentials): retrying soon cannot help."""
     dropped: Any = None
     """The first disconnect reason (a paho ``ReasonCode``) of the current connection."""
     subscribe_mid: int | None = None
@@ -69,12 +73,15 @@ class Session:
 
     def open(self, host: str, port: int, keepalive: int) -> str | None:
         """Open the TCP connection and send CONNECT; None, or why it failed."""
-        self.beat, self.refused, self.dropped = time.monotonic(), None, None
+        self.beat, self.refused, self.dropped, self.denied = time.monotonic(), None, None, None
         self.connected_at = None
         try:
             self.client.connect(host, port, keepalive=keepalive)
         except socket.gaierror as exc:
             return f"cannot resolve MQTT broker host '{host}': {exc.strerror or exc}"
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            self.denied = f"TLS handshake with MQTT broker {host}:{port} failed: {tls_reason(exc)}"
+            return self.denied
         except (OSError, ValueError) as exc:
             return f"cannot connect to MQTT broker {host}:{port}: {exc}"
         return None
