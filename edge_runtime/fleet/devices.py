@@ -19,7 +19,7 @@ from typing import Any
 
 from edge_runtime.client.broker import Broker
 from edge_runtime.codecs.payloads import decode_json
-from edge_runtime.core.errors import EdgeError, TransientError
+from edge_runtime.core.errors import EdgeError
 from edge_runtime.transports.mqtt.topics import device_of, fleet_filter
 
 __all__ = ["DeviceRow", "FleetView", "fleet_snapshot", "watch_fleet"]
@@ -187,8 +187,7 @@ def watch_fleet(
                        max_bytes=MAX_PAYLOAD_BYTES)  # fmt: skip
     link.start()
     try:
-        if not link.wait_connected(connect_timeout):
-            raise TransientError(f"cannot connect to the MQTT broker at {broker}")
+        link.require_connected(connect_timeout)  # a TLS or credential refusal: one line at once
         yield view
     finally:
         link.stop(timeout=1.0)
