@@ -8,6 +8,7 @@ collectors may write one database at once (the primary key settles who stores a 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +74,8 @@ class PostgresStore:
             raise UsageError("a postgresql:// store needs psycopg: pip install 'edge-runtime[fleet]'")
         self.url = _redacted(url)
         self._conninfo = url
+        self._lock = threading.Lock()
+        """One connection, used from the collector's writer and any reader: one operation at a time."""
         try:
             self._db = self._connect()
             with self._db.transaction():
@@ -94,8 +97,8 @@ class PostgresStore:
         """Store `records` in one transaction; how many were new."""
         rows, samples = record_rows(records)
         try:
-            db = self._live()
-            with db.transaction():
+            with self._lock, self._live().transaction() as tx:
+                db = tx.connection
                 cursor = db.execute(_INSERT_RECORD, _columns(rows, len(RECORD_COLUMNS)))
                 stored = max(cursor.rowcount, 0)
                 if samples:
@@ -106,9 +109,8 @@ class PostgresStore:
 
     def _rows(self, query: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
-            db = self._live()
-            with db.transaction():
-                return list(db.execute(query, args).fetchall())
+            with self._lock, self._live().transaction() as tx:
+                return list(tx.connection.execute(query, args).fetchall())
         except psycopg.Error as exc:
             raise StoreError(f"cannot read the PostgreSQL store {self.url}: {_brief(exc)}") from exc
 

@@ -7,8 +7,10 @@ collector acknowledges its messages to the broker, so an acknowledged record sur
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.fleet.db import (
     RECORD_COLUMNS,
@@ -61,6 +63,8 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._lock = threading.Lock()
+            """One connection, used from the collector's writer and any reader: one operation at a time."""
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the SQLite store '{path}': {exc}") from exc
 
@@ -68,35 +72,44 @@ class SqliteStore:
         """Store `records` in one transaction; how many were new."""
         rows, samples = record_rows(records)
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                before = self._db.total_changes
-                self._db.executemany(_INSERT_RECORD, rows)
-                stored = self._db.total_changes - before
-                self._db.executemany(_INSERT_SAMPLE, samples)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    before = self._db.total_changes
+                    self._db.executemany(_INSERT_RECORD, rows)
+                    stored = self._db.total_changes - before
+                    self._db.executemany(_INSERT_SAMPLE, samples)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the SQLite store {self.url}: {exc}") from exc
         return stored
 
+    def _rows(self, query: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            with self._lock:
+                return self._db.execute(query, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the SQLite store {self.url}: {exc}") from exc
+
     def count(self, kind: str | None = None) -> int:
         """Records stored (of `kind`, or all)."""
         if kind is None:
-            return int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
-        return int(self._db.execute("SELECT COUNT(*) FROM records WHERE kind = ?", (kind,)).fetchone()[0])
+            return int(self._rows("SELECT COUNT(*) FROM records", ())[0][0])
+        return int(self._rows("SELECT COUNT(*) FROM records WHERE kind = ?", (kind,))[0][0])
 
     def samples(self, since: float, device: str | None = None) -> list[SampleRow]:
         """Telemetry samples at or after `since`, by device, model and time."""
         args = (since, device) if device else (since,)
-        return [SampleRow(*row) for row in self._db.execute(samples_query("?", device), args)]
+        return [SampleRow(*row) for row in self._rows(samples_query("?", device), args)]
 
     def devices(self, device: str | None = None) -> list[DeviceRow]:
         """Every device with a record (or `device`), by id."""
-        args = (device,) if device else ()
-        return [DeviceRow(*row) for row in self._db.execute(devices_query("?", device), args)]
+        return [
+            DeviceRow(*row) for row in self._rows(devices_query("?", device), (device,) if device else ())
+        ]
 
     def close(self) -> None:
         """Close the file."""

@@ -98,6 +98,14 @@ def credentials(settings: MqttSettings) -> tuple[str, str | None] | None:
     return settings.username, password
 
 
+def _delivered_as(topic_filter: str) -> str:
+    """The filter messages of a subscription arrive matching: a shared one (``$share/<group>/<filter>``,
+    or ``$queue/<filter>`` on brokers that offer it) delivers on the plain topics, which paho must match."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else topic_filter
+    return topic_filter.removeprefix("$queue/")
+
+
 class MqttLink:
     """A broker connection that survives outages, dispatching received messages to worker threads."""
 
@@ -482,7 +490,9 @@ class MqttLink:
             )
             self.dispatcher.dispatch(index, incoming)
 
-        session.client.message_callback_add(self.dispatcher.routes[index].filter, self._guard(enqueue))
+        session.client.message_callback_add(
+            _delivered_as(self.dispatcher.routes[index].filter), self._guard(enqueue)
+        )
 
     def _on_connect(
         self, session: Session, client: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object
