@@ -196,12 +196,12 @@ def plot(summaries: list[ModelSummary], path: Path) -> None:
     for s in summaries:
         label = f"{s.device}/{s.model}"
         times = [datetime.fromtimestamp(p.ts) for p in s.points]
-        for name, style in (("p50", "-"), ("p95", "--")):
+        for name, style in (("p50", ".-"), ("p95", ".--")):
             values = [getattr(p, name) if getattr(p, name) is not None else float("nan") for p in s.points]
             latency.plot(times, values, style, label=f"{label} {name}")
         rates = [(datetime.fromtimestamp(p.ts), p.requests / p.interval_s) for p in s.points if p.interval_s]
         if rates:
-            rate.plot([t for t, _ in rates], [r for _, r in rates], label=label)
+            rate.plot([t for t, _ in rates], [r for _, r in rates], ".-", label=label)
     latency.set_ylabel("latency (ms)")
     latency.set_title("device latency percentiles")
     rate.set_ylabel("requests / s")
