@@ -80,7 +80,7 @@ def test_a_collector_killed_mid_stream_loses_nothing_and_sigterm_exits_0_with_co
     assert second.returncode == 0, log.read_text()[-2000:]
     assert b"collector stopped: received" in out and b"bad 0" in out
     store = open_db(str(db))
-    db_rows = getattr(store, "_db").execute("SELECT device, key FROM records WHERE kind = 'telemetry'").fetchall()
+    db_rows = store._db.execute("SELECT device, key FROM records WHERE kind = 'telemetry'").fetchall()
     store.close()
     expected = {(device.device_id, key) for device in devices for key in outbox_keys(device)}
     assert len(db_rows) == len(expected) == 310 and set(db_rows) == expected
@@ -104,7 +104,9 @@ def _known_store(path: Path) -> None:
     records = [decode("edge/gw1/telemetry", _telemetry("gw1", n, now - 60 * (6 - n), now - 7200, 100 + 10 * n, n,
                                                       0.5 + n / 10, 2.0 + n)) for n in range(1, 7)]  # fmt: skip
     records.append(decode("edge/gw2/telemetry", _telemetry("gw2", 1, now - 30, now - 40, 7, 0, 9.0, 11.0)))
-    records.append(decode("edge/gw2/status", b'{"v":1,"device":"gw2","state":"offline","ts":%f}' % (now - 10)))
+    records.append(
+        decode("edge/gw2/status", b'{"v":1,"device":"gw2","state":"offline","ts":%f}' % (now - 10))
+    )
     assert store.add(records) == len(records)
     store.close()
 
@@ -123,7 +125,9 @@ def test_summary_prints_requests_errors_latency_version_and_presence_from_known_
     assert gw2[:10] == ["gw2", "digits", "2", "7", "0", "9.000", "11.000", "22.000", "running", "offline"]
     assert "gw1 / digits: every 600 s" in result.output
 
-    only = CliRunner().invoke(cli, ["telemetry", "summary", "--db", str(db), "--device", "gw2", "--every", "5m"])
+    only = CliRunner().invoke(
+        cli, ["telemetry", "summary", "--db", str(db), "--device", "gw2", "--every", "5m"]
+    )
     assert only.exit_code == 0 and "gw1" not in only.output and "gw2 / digits: every 300 s" in only.output
 
     recent = CliRunner().invoke(cli, ["telemetry", "summary", "--db", str(db), "--since", "20s"])
