@@ -75,7 +75,7 @@ def test_the_real_payloads_decode() -> None:
     for topic, doc in BASES:
         record = decode(topic, json.dumps(doc).encode())
         assert record.device == "gw1" and record.body
-    telemetry = decode(*[(t, json.dumps(d).encode()) for t, d in BASES][0])
+    telemetry = decode(BASES[0][0], json.dumps(BASES[0][1]).encode())
     assert [(s.model, s.version, s.requests, s.errors) for s in telemetry.models] == [("digits", "1", 20, 1)]
 
 
