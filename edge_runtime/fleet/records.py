@@ -216,7 +216,7 @@ def decode(topic: str, payload: bytes) -> Record:
         body = json.dumps(doc, separators=(",", ":"), allow_nan=False)
     except (ValueError, RecursionError):
         raise BadRecord("payload holds NaN or Infinity, or is nested too deeply") from None
-    common = {"device": device, "kind": kind, "ts": ts, "topic": topic, "body": body}
+    common: dict[str, Any] = {"device": device, "kind": kind, "ts": ts, "topic": topic, "body": body}
     if kind is RecordKind.TELEMETRY:
         return _telemetry(doc, common)
     if kind is RecordKind.EVENT:
