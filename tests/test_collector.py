@@ -14,6 +14,7 @@ import pytest
 
 from edge_runtime.client.broker import Broker
 from edge_runtime.codecs.payloads import encode_telemetry
+from edge_runtime.config.settings import MqttProtocol
 from edge_runtime.fleet.collector import Collector
 from edge_runtime.fleet.db import Store, open_db
 from edge_runtime.fleet.records import MAX_MODELS, MAX_PAYLOAD_BYTES
@@ -228,3 +229,39 @@ def test_hostile_payloads_are_counted_not_stored_and_the_collector_keeps_working
     assert "too_large" in stats.bad_reasons  # the oversized one was refused unread
     assert _outbox_records(db_url) == [("gw0", "k-2", "telemetry")]
     store.close()
+
+
+def test_mqtt_311_collectors_share_on_mosquitto_and_a_returning_one_gets_its_queued_share(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The 3.1.1 fallback: a persistent session (clean_session false) and Mosquitto's ``$share`` for
+    3.1.1 clients. Mosquitto keeps dealing records to a member that is away (its session queues
+    them), so the member must come back under the same client id to store its share."""
+    url = f"sqlite://{tmp_path / 'fleet.sqlite'}"
+    broker = Broker("127.0.0.1", mosquitto.port, protocol=MqttProtocol.V311)
+    stores = [open_db(url), open_db(url)]
+    collectors = []
+    for index, store in enumerate(stores):
+        collector = Collector(broker, store, client_id=f"collector-311-{index}", share="fleet")
+        collector.start()
+        assert collector.wait_connected(10) and collector.link.protocol is MqttProtocol.V311
+        collectors.append(collector)
+    collectors[1].stop()  # away, its session kept
+    devices = _devices(mosquitto, tmp_path, count=2)
+    try:
+        for device in devices:
+            device.tick(20)
+        eventually(lambda: all(device.drained() for device in devices), timeout=60, what="outboxes drained")
+        collectors[1] = Collector(broker, stores[1], client_id="collector-311-1", share="fleet")
+        collectors[1].start()
+        eventually(lambda: stores[0].count("telemetry") >= 40, timeout=60, what="both shares stored")
+        assert all(collector.flush(15) for collector in collectors)
+    finally:
+        for device in devices:
+            device.stop()
+        stats = [collector.stop() for collector in collectors]
+    rows = _outbox_records(url)
+    assert len(rows) == 40 and {(device, key) for device, key, _ in rows} == _expected(devices)
+    assert all(s.stored > 0 for s in stats), [s.line() for s in stats]
+    for store in stores:
+        store.close()
