@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -54,7 +55,7 @@ def _payloads(device: str, count: int) -> list[bytes]:
     return [encode_telemetry({"key": f"{device}-{seq}", **doc, "n": seq}) for seq in range(1, count + 1)]
 
 
-def _publish(port: int, devices: int, records: int, go: multiprocessing.synchronize.Event) -> None:
+def _publish(port: int, devices: int, records: int, go: Any, published: Any) -> None:
     """Publisher process: `records` telemetry payloads at QoS 1, spread over `devices` connections."""
     clients = []
     for index in range(devices):
@@ -71,7 +72,8 @@ def _publish(port: int, devices: int, records: int, go: multiprocessing.synchron
         for device, client, payloads in clients:
             infos.append(client.publish(f"edge/{device}/telemetry", payloads[step], qos=1))
     for info in infos:
-        info.wait_for_publish(120)
+        info.wait_for_publish(600)
+    published.value = sum(info.is_published() for info in infos)
     for _, client, _ in clients:
         client.disconnect()
         client.loop_stop()
@@ -167,15 +169,19 @@ def scenario(kind: str, collectors: int, args: argparse.Namespace, postgres: Pos
     processes = _collectors(broker.port, url, collectors, log)
     total = args.records // args.devices * args.devices
     raw = RawSubscriber(broker.port, total)
-    go = multiprocessing.Event()
-    publisher = multiprocessing.Process(target=_publish, args=(broker.port, args.devices, args.records, go))
+    go, published = multiprocessing.Event(), multiprocessing.Value("i", -1)
+    publisher = multiprocessing.Process(
+        target=_publish, args=(broker.port, args.devices, args.records, go, published)
+    )
     publisher.start()
     time.sleep(3.0)  # collectors connected and subscribed, publishers connected
     if args.mode == "backlog":
         _stop(processes)
         raw.away()
         go.set()
-        publisher.join(300)
+        publisher.join(900)
+        if published.value != total:
+            raise SystemExit(f"the publisher got {published.value} of {total} records acknowledged")
         start = time.monotonic()
         processes = _collectors(broker.port, url, collectors, log)
         raw.connect()
