@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "edge_runtime.cli.certs:certs",
         "Mint a throwaway CA and device, operator and broker certificates.",
     ),
+    "telemetry": (
+        "edge_runtime.cli.telemetry:telemetry",
+        "Collect the fleet's telemetry into a database; summarize it.",
+    ),
 }
 
 

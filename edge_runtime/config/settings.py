@@ -140,6 +140,10 @@ class MqttSettings:
     """Payload bytes waiting for a worker; beyond it requests are answered "busy" (503)."""
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    session_expiry_s: int = 0
+    """0: a clean session on every connect. Above 0: the broker keeps our subscriptions and queues QoS 1
+    messages for this many seconds while we are away (MQTT 5 session expiry; 3.1.1: a persistent
+    session); needs a fixed ``client_id``."""
 
     @property
     def uses_tls(self) -> bool:

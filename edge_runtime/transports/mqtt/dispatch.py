@@ -39,6 +39,10 @@ class Incoming:
     """MQTT 5 Response Topic property."""
     correlation_data: bytes | None = None
     """MQTT 5 Correlation Data property."""
+    mid: int = 0
+    """The packet id (QoS 1 and 2), for `MqttLink.ack` when the link acknowledges by hand."""
+    session: int = 0
+    """The link session (paho client) that received it: a packet id means nothing to another one."""
 
 
 class Refusal(StrEnum):

@@ -72,13 +72,30 @@ def _no_delay(sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _delivered_as(topic_filter: str) -> str:
+    """The filter messages of a subscription arrive matching: a shared one (``$share/<group>/<filter>``,
+    or ``$queue/<filter>`` on brokers that offer it) delivers on the plain topics, which paho must match."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else topic_filter
+    return topic_filter.removeprefix("$queue/")
+
+
 class MqttLink:
     """A broker connection that survives outages, dispatching received messages to worker threads."""
 
-    def __init__(self, settings: MqttSettings, client_id: str, *, presence: Will | None = None) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        *,
+        presence: Will | None = None,
+        manual_ack: bool = False,
+    ) -> None:
         self.settings = settings
         self.client_id = client_id
         self.presence = presence
+        self.manual_ack = manual_ack
+        """QoS 1 messages are acknowledged by `ack` (after the handler's work is safe), not on arrival."""
         self.rebuilds = 0
         """Times the supervisor replaced a dead or stuck network thread."""
         self.callback_errors = 0
@@ -316,8 +333,13 @@ class MqttLink:
     # -- sessions (one paho client each) ----------------------------------------------------
     def _new_session(self, number: int, protocol: MqttProtocol) -> Session:
         version = MQTTProtocolVersion.MQTTv5 if protocol is MqttProtocol.V5 else MQTTProtocolVersion.MQTTv311
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=version)
-        session = Session(number, protocol, client)
+        persistent = self.settings.session_expiry_s > 0
+        clean = None if protocol is MqttProtocol.V5 else not persistent
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=version, clean_session=clean
+        )
+        session = Session(number, protocol, client, connect_options=self._connect_options(protocol))
+        client.manual_ack_set(self.manual_ack)
         client.suppress_exceptions = True  # ours are guarded anyway; paho's own then only log
         client.on_connect = self._guard(functools.partial(self._on_connect, session))
         client.on_disconnect = self._guard(functools.partial(self._on_disconnect, session))
@@ -336,6 +358,33 @@ class MqttLink:
         for index in range(len(self.dispatcher.routes)):
             self._attach(session, index)
         return session
+
+    def _connect_options(self, protocol: MqttProtocol) -> dict[str, Any]:
+        """MQTT 5 CONNECT options: resume the session when it persists; with manual acks, a Receive
+        Maximum of the work queue's size, so the broker never sends more than the queue holds."""
+        if protocol is not MqttProtocol.V5:
+            return {}
+        properties = Properties(PacketTypes.CONNECT)
+        expiry = min(max(self.settings.session_expiry_s, 0), 0xFFFFFFFF)
+        if expiry:
+            properties.SessionExpiryInterval = expiry
+        if self.manual_ack:
+            properties.ReceiveMaximum = max(1, min(self.settings.queue_size, 65535))
+        options: dict[str, Any] = {"properties": properties} if expiry or self.manual_ack else {}
+        if expiry:
+            options["clean_start"] = False
+        return options
+
+    def ack(self, message: Incoming) -> None:
+        """Acknowledge a QoS 1 `message` (links made with ``manual_ack``); a no-op for QoS 0 or an old session.
+
+        A message of a replaced client is never acked: the broker sends it again (to a persistent
+        session), and a consumer that deduplicates stores it once.
+        """
+        session = self._session
+        if not self.manual_ack or message.qos == 0 or message.session != session.number:
+            return
+        session.client.ack(message.mid, message.qos)
 
     def _run_session(self, session: Session) -> None:
         session.thread = threading.Thread(
@@ -443,10 +492,14 @@ class MqttLink:
                 qos=message.qos,
                 response_topic=getattr(props, "ResponseTopic", None),
                 correlation_data=getattr(props, "CorrelationData", None),
+                mid=message.mid,
+                session=session.number,
             )
             self.dispatcher.dispatch(index, incoming)
 
-        session.client.message_callback_add(self.dispatcher.routes[index].filter, self._guard(enqueue))
+        session.client.message_callback_add(
+            _delivered_as(self.dispatcher.routes[index].filter), self._guard(enqueue)
+        )
 
     def _on_connect(
         self, session: Session, client: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object

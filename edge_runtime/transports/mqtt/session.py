@@ -58,6 +58,8 @@ class Session:
     dropped: Any = None
     """The first disconnect reason (a paho ``ReasonCode``) of the current connection."""
     subscribe_mid: int | None = None
+    connect_options: dict[str, Any] = field(default_factory=dict)
+    """Extra ``connect`` arguments (MQTT 5 ``clean_start`` and CONNECT properties of a persistent session)."""
 
     def stalled(self, limit: float) -> str | None:
         """Why the network loop looks stuck (no progress for `limit` s while connected), or None.
@@ -76,7 +78,7 @@ class Session:
         self.beat, self.refused, self.dropped, self.denied = time.monotonic(), None, None, None
         self.connected_at = None
         try:
-            self.client.connect(host, port, keepalive=keepalive)
+            self.client.connect(host, port, keepalive=keepalive, **self.connect_options)
         except socket.gaierror as exc:
             return f"cannot resolve MQTT broker host '{host}': {exc.strerror or exc}"
         except (ssl.SSLError, ssl.CertificateError) as exc:
