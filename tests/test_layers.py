@@ -35,6 +35,7 @@ ONLY_IN = {
     "paho": {"transports/mqtt/link.py"},
     "cryptography": {"artifact/signing.py", "fleet/certs.py"},
     "onnxruntime": {"engines/onnx.py"},
+    "psycopg": {"fleet/store_postgres.py"},
     "ai_edge_litert": {"engines/tflite.py"},
     "tflite_runtime": {"engines/tflite.py"},
 }
