@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.core.errors import ModelError
+from edge_runtime.core.errors import ModelError, RequestError
+from edge_runtime.core.types import TensorSpec
 from edge_runtime.engines import load_backend
 from edge_runtime.engines.openvino import compile_config
 from tests.conftest import require_module, require_tflite
@@ -153,3 +154,30 @@ def test_engine_options_round_trip_and_old_manifests_still_read() -> None:
     assert Manifest.from_json(raw) == plain
     tuned = dataclasses.replace(plain, engine="openvino", engine_options={"inference_precision": "bf16"})
     assert Manifest.from_json(tuned.to_json()).engine_options == {"inference_precision": "bf16"}
+
+
+def test_a_scalar_input_stays_a_scalar(openvino, device_profile) -> None:
+    # A scalar sample rate beside a batch, as streaming audio models take it (np.ascontiguousarray
+    # would turn the 0-d feed into shape [1], which OpenVINO refuses).
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["sr"], ["f"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "f"], ["y"])],
+        "scaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
+                   helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    manifest = dataclasses.replace(
+        openvino_manifest(),
+        inputs=(TensorSpec("x", "float32", ("N", 2)), TensorSpec("sr", "int64", ())),
+        outputs=(TensorSpec("y", "float32", ("N", 2)),),
+    )
+    backend = load_backend(manifest, model.SerializeToString(), device_profile)
+    assert backend.inputs[1].shape == ()
+    x = np.ones((3, 2), np.float32)
+    out = backend.run({"x": x, "sr": np.array(16000, np.int64)})["y"]
+    np.testing.assert_array_equal(out, np.full((3, 2), 16000.0, np.float32))
+    with pytest.raises(RequestError, match=r"input 'sr' has shape \[1\], the model takes \[\]"):
+        backend.run({"x": x, "sr": np.array([16000], np.int64)})

@@ -120,7 +120,7 @@ def _check_feed(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
         )
     if value.dtype != np.dtype(spec.dtype):
         raise RequestError(f"input '{spec.name}' has dtype {value.dtype}, the model takes {spec.dtype}")
-    return np.ascontiguousarray(value)
+    return value if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d feeds 0-d
 
 
 class OpenvinoBackend:
