@@ -28,7 +28,7 @@ def write_result_bundle(
     force: bool = False,
 ) -> Manifest:
     """Write `result` as a signed bundle at `output`; returns the signed manifest."""
-    engine = str(profile.runtime.engine)
+    engine = result.engine or str(profile.runtime.engine)
     model_file = MODEL_MEMBER[result.artifact_format]
     manifest = Manifest(
         name=name,
@@ -41,6 +41,7 @@ def write_result_bundle(
         files={},
         golden=result.golden_spec,
         session_config=dict(result.session_config),
+        engine_options=dict(result.engine_options),
         report=result.report,
     )
     members = {model_file: result.model_bytes, result.golden_spec.file: pack_golden(result.golden)}

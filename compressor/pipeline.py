@@ -50,6 +50,10 @@ class CompressionResult:
     golden_spec: GoldenSpec
     session_config: dict[str, str] = field(default_factory=dict)
     artifact_format: str = "onnx"
+    engine: str = ""
+    """The engine the bundle names (empty: the profile's preferred engine)."""
+    engine_options: dict[str, str] = field(default_factory=dict)
+    """Options the bundle records for that engine (openvino: inference_precision)."""
 
     @property
     def budgets_met(self) -> bool:
@@ -127,6 +131,12 @@ def compress(
         final_bytes, final_format = artifact or (model.SerializeToString(), "onnx")
         _check_format(final_format, profile)
         outcome = _finish(original, model, final_bytes, final_format, reports, ctx, held, Path(model_path))
+        # --- issue 14 hook: engine choice by measurement (all of it in compressor/engine_choice.py)
+        if len(profile.runtime.engines) > 1:
+            from compressor.engine_choice import choose_engine
+
+            outcome = choose_engine(outcome, original, ctx, held)
+        # --- end of the issue 14 hook
     if enforce_budgets and not outcome.budgets_met:
         failures = "; ".join(outcome.report["budgets"]["failures"])
         raise BudgetError(f"profile '{profile.name}' budgets not met: {failures}")

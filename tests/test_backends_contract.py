@@ -1,4 +1,4 @@
-"""One contract, every backend: ONNX Runtime and TFLite load the same MLP and behave the same."""
+"""One contract, every backend: ONNX Runtime, TFLite and OpenVINO load the same MLP and behave the same."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from edge_runtime.artifact.manifest import Manifest
 from edge_runtime.core.errors import ModelError, RequestError
 from edge_runtime.core.types import TensorSpec
 from edge_runtime.engines import Backend, load_backend
-from tests.conftest import require_tflite
+from tests.conftest import require_module, require_tflite
 from tests.mlp_models import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -29,7 +29,9 @@ WEIGHTS = make_weights(64, 32, 10, seed=3)
 ENGINES = {
     "onnxruntime": ("model.onnx", lambda: build_onnx_mlp(WEIGHTS)),
     "tflite": ("model.tflite", lambda: build_tflite_mlp(WEIGHTS)),
+    "openvino": ("model.onnx", lambda: build_onnx_mlp(WEIGHTS)),
 }
+OPENVINO_EXTRA = "the openvino extra: pip install openvino==2026.4.1"
 
 
 def manifest_for(engine: str, **changes) -> Manifest:
@@ -50,6 +52,8 @@ def manifest_for(engine: str, **changes) -> Manifest:
 def engine(request) -> str:
     if request.param == "tflite":
         require_tflite()
+    if request.param == "openvino":
+        require_module("openvino", OPENVINO_EXTRA)
     return request.param
 
 
@@ -171,8 +175,9 @@ def test_runtime_modules_import_without_onnx_or_tflite():
     code = (
         "import sys\n"
         "import edge_runtime.transports.http.server, edge_runtime.state.store, edge_runtime.serving.registry, edge_runtime.codecs.v2\n"
-        "import edge_runtime.engines.onnx, edge_runtime.engines.tflite\n"
-        "heavy = {'onnx', 'tensorflow', 'torch', 'compressor', 'ai_edge_litert', 'tflite_runtime'} & set(sys.modules)\n"
+        "import edge_runtime.engines.onnx, edge_runtime.engines.tflite, edge_runtime.engines.openvino\n"
+        "heavy = {'onnx', 'tensorflow', 'torch', 'compressor', 'ai_edge_litert', 'tflite_runtime', 'openvino'}\n"
+        "heavy &= set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

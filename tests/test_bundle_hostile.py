@@ -208,7 +208,7 @@ def test_keyless_read_keeps_nothing_and_says_so(mlp_bundle_factory):
 
 
 _FIELD_NAMES = {"v", "name", "version", "profile", "engine", "model_file", "inputs", "outputs", "files",
-                "golden", "session_config", "report", "created", "signer"}  # fmt: skip
+                "golden", "session_config", "engine_options", "report", "created", "signer"}  # fmt: skip
 
 
 JSON = st.recursive(

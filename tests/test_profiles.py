@@ -81,3 +81,32 @@ def test_cli_lists_and_shows_profiles() -> None:
     assert shown.exit_code == 0 and '"ram_mb": 512' in shown.output
     missing = runner.invoke(cli, ["profiles", "nope"])
     assert missing.exit_code == 1 and missing.output.startswith("error: unknown device profile 'nope'")
+
+
+def test_x86_profiles_list_the_engines_they_try() -> None:
+    for name in ("x86-vnni-gateway", "x86-avx2-gateway"):
+        runtime = load_profile(name).runtime
+        assert runtime.engines == (Engine.ONNXRUNTIME, Engine.OPENVINO)
+        assert runtime.engine is Engine.ONNXRUNTIME
+    pi = load_profile("raspberry-pi-4").runtime
+    assert pi.engines == (Engine.ONNXRUNTIME,)  # the single `engine` key still works
+
+
+def test_engines_in_order_of_preference(tmp_path: Path) -> None:
+    only_list = _base_text().replace('engine = "onnxruntime"', 'engines = ["openvino", "onnxruntime"]')
+    runtime = load_profile(_write(tmp_path, only_list)).runtime
+    assert runtime.engine is Engine.OPENVINO and runtime.engines == (Engine.OPENVINO, Engine.ONNXRUNTIME)
+    both = _base_text().replace(
+        'engine = "onnxruntime"', 'engine = "onnxruntime"\nengines = ["onnxruntime", "tflite"]'
+    )
+    assert load_profile(_write(tmp_path, both)).runtime.engines == (Engine.ONNXRUNTIME, Engine.TFLITE)
+    cases = [
+        ('engine = "onnxruntime"\nengines = ["openvino", "onnxruntime"]', r"runtime\.engine 'onnxruntime' must be the first"),
+        ('engines = ["openvino", "openvino"]', r"runtime\.engines names an engine twice"),
+        ('engines = ["openvino", "tensorrt"]', r"runtime\.engines\[1\] must be one of onnxruntime, tflite, openvino"),
+        ('engines = "openvino"', r"runtime\.engines must be a non-empty list"),
+    ]  # fmt: skip
+    for replacement, message in cases:
+        path = _write(tmp_path, _base_text().replace('engine = "onnxruntime"', replacement))
+        with pytest.raises(ProfileError, match=message):
+            load_profile(path)

@@ -79,8 +79,10 @@ def mlp_onnx(sizes: tuple[int, int, int], seed: int = 0) -> bytes:
     return model.SerializeToString()
 
 
-def make_store(directory: Path, sizes: tuple[int, int, int]) -> tuple[Path, Path, bytes]:
-    """A model store holding model 'mlp' of `sizes`, signed with a fresh key; (store, public key, model)."""
+def make_store(
+    directory: Path, sizes: tuple[int, int, int], engine: str = "onnxruntime"
+) -> tuple[Path, Path, bytes]:
+    """A model store holding model 'mlp' of `sizes` for `engine`, signed with a fresh key; (store, public key, model)."""
     private_path, public_path = signing.generate_keypair(directory, "bench")
     profile = load_profile(PROFILE)
     model = mlp_onnx(sizes)
@@ -88,7 +90,7 @@ def make_store(directory: Path, sizes: tuple[int, int, int]) -> tuple[Path, Path
         name="mlp",
         version="1",
         profile=PROFILE,
-        engine="onnxruntime",
+        engine=engine,
         model_file="model.onnx",
         inputs=(TensorSpec("input", "float32", ("N", sizes[0])),),
         outputs=(TensorSpec("probabilities", "float32", ("N", sizes[2])),),

@@ -45,7 +45,7 @@ _OPENING = np.frombuffer(b"[{", np.uint8)
 _CLOSING = np.frombuffer(b"]}", np.uint8)
 _FIELDS = frozenset(
     {"v", "name", "version", "profile", "engine", "model_file", "inputs", "outputs", "files", "golden",
-     "session_config", "report", "created", "signer"}
+     "session_config", "engine_options", "report", "created", "signer"}
 )  # fmt: skip
 
 
@@ -218,6 +218,9 @@ class Manifest:
     golden: GoldenSpec | None = None
     session_config: dict[str, str] = field(default_factory=dict)
     """ONNX Runtime session config entries the model must be loaded with."""
+    engine_options: dict[str, str] = field(default_factory=dict)
+    """Options for the manifest's engine (openvino: `inference_precision` f32 or bf16); written only
+    when there are some, so a bundle without them reads on runtimes that predate the field."""
     report: dict[str, Any] = field(default_factory=dict)
     """The compressor's measured report (sizes, latency, fidelity, decisions)."""
     created: str = ""
@@ -242,6 +245,8 @@ class Manifest:
             "created": self.created,
             "signer": self.signer,
         }
+        if self.engine_options:
+            data["engine_options"] = dict(self.engine_options)
         return json.dumps(data, sort_keys=True, indent=1).encode("utf-8")
 
     @classmethod
@@ -268,6 +273,7 @@ class Manifest:
             files=_files(fields),
             golden=_golden(data.get("golden")),
             session_config=_string_map(fields, "session_config"),
+            engine_options=_string_map(fields, "engine_options"),
             report=dict(fields.get("report", dict, "an object", {})),
             created=fields.text("created", ""),
             signer=fields.text("signer", ""),

@@ -29,7 +29,7 @@ def profiles(name: str | None, as_json: bool) -> None:
         (
             p.name,
             p.hardware.arch,
-            str(p.runtime.engine),
+            ",".join(p.runtime.engines),
             p.quantization.name + (" rr" if p.quantization.reduce_range else ""),
             f"{p.hardware.ram_mb} MB",
             f"{p.budgets.max_model_bytes / 1e6:g} MB",
@@ -38,7 +38,7 @@ def profiles(name: str | None, as_json: bool) -> None:
         )
         for p in found
     ]
-    header = ("name", "arch", "engine", "int8", "ram", "max model", "max drop", "description")
+    header = ("name", "arch", "engines", "int8", "ram", "max model", "max drop", "description")
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
     for row in (header, *rows):
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

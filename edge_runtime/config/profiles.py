@@ -38,6 +38,8 @@ class Engine(StrEnum):
 
     ONNXRUNTIME = "onnxruntime"
     TFLITE = "tflite"
+    OPENVINO = "openvino"
+    """OpenVINO's CPU plugin (an optional device extra); reads the same ONNX artifacts as ONNX Runtime."""
 
 
 class QuantDtype(StrEnum):
@@ -69,10 +71,14 @@ class RuntimeSpec:
     """How the device runs models."""
 
     engine: Engine
+    """The preferred engine: the first of `engines` (a profile gives `engine`, `engines` or both)."""
     execution_providers: tuple[str, ...]
-    """ONNX Runtime execution providers in priority order (ignored by TFLite)."""
+    """ONNX Runtime execution providers in priority order (ignored by TFLite and OpenVINO)."""
     intra_op_threads: int
     """Threads one inference may use; 0 lets the runtime decide."""
+    engines: tuple[Engine, ...] = ()
+    """Every engine the device may run, in order of preference; the device accepts a bundle for any
+    of them, and the compressor may measure each. Defaults to `(engine,)`."""
 
 
 @dataclass(frozen=True)
@@ -221,9 +227,38 @@ def parse_profile(text: str, source: str) -> DeviceProfile:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{source}: not valid TOML: {exc}") from exc
+    _default_engine(table, source)
     profile = _build(DeviceProfile, table, source)
+    profile = dataclasses.replace(profile, runtime=_engines_in_order(profile.runtime, source))
     _check_consistency(profile, source)
     return dataclasses.replace(profile, source=source)
+
+
+def _default_engine(table: dict[str, Any], source: str) -> None:
+    """A runtime table that lists `engines` but no `engine` prefers the first one listed."""
+    runtime = table.get("runtime")
+    if not isinstance(runtime, dict) or "engine" in runtime or "engines" not in runtime:
+        return
+    engines = runtime["engines"]
+    if not isinstance(engines, list) or not engines:
+        raise ProfileError(f"{source}: runtime.engines must be a non-empty list of engines, got {engines!r}")
+    runtime["engine"] = engines[0]
+
+
+def _engines_in_order(runtime: RuntimeSpec, source: str) -> RuntimeSpec:
+    """`engines` filled in from `engine` when absent; refused when it repeats one or disagrees."""
+    if not runtime.engines:
+        return dataclasses.replace(runtime, engines=(runtime.engine,))
+    if len(set(runtime.engines)) != len(runtime.engines):
+        raise ProfileError(
+            f"{source}: runtime.engines names an engine twice: {list(map(str, runtime.engines))}"
+        )
+    if runtime.engines[0] is not runtime.engine:
+        raise ProfileError(
+            f"{source}: runtime.engine '{runtime.engine}' must be the first of runtime.engines "
+            f"({', '.join(runtime.engines)}), the engine the device prefers"
+        )
+    return runtime
 
 
 def _check_consistency(profile: DeviceProfile, source: str) -> None:
@@ -237,7 +272,7 @@ def _check_consistency(profile: DeviceProfile, source: str) -> None:
         raise ProfileError(f"{source}: budgets.max_accuracy_drop_pp must not be negative")
     if profile.runtime.intra_op_threads < 0:
         raise ProfileError(f"{source}: runtime.intra_op_threads must be 0 or more")
-    if profile.runtime.engine is Engine.ONNXRUNTIME and not profile.runtime.execution_providers:
+    if Engine.ONNXRUNTIME in profile.runtime.engines and not profile.runtime.execution_providers:
         raise ProfileError(f"{source}: runtime.execution_providers must name at least one provider")
 
 

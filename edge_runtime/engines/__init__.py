@@ -1,4 +1,4 @@
-"""Inference engines behind one interface (ONNX Runtime, TFLite), each imported only when a bundle asks for it."""
+"""Inference engines behind one interface (ONNX Runtime, TFLite, OpenVINO), each imported only when a bundle asks for it."""
 
 from __future__ import annotations
 

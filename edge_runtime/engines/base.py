@@ -18,6 +18,7 @@ __all__ = ["Backend", "check_feed_names", "load_backend"]
 _MODULES = {
     Engine.ONNXRUNTIME: "edge_runtime.engines.onnx:OnnxBackend",
     Engine.TFLITE: "edge_runtime.engines.tflite:TfliteBackend",
+    Engine.OPENVINO: "edge_runtime.engines.openvino:OpenvinoBackend",
 }
 
 
@@ -65,6 +66,16 @@ def _check_names_agree(manifest: Manifest, backend: Backend) -> None:
             )
 
 
+def _check_engine_options(manifest: Manifest, known: tuple[str, ...]) -> None:
+    """Refuse engine options the manifest's engine does not read (a bundle made for another engine)."""
+    unknown = sorted(set(manifest.engine_options) - set(known))
+    if unknown:
+        raise ModelError(
+            f"{manifest.name} {manifest.version}: engine option '{unknown[0][:64]}' is not known to the "
+            f"{manifest.engine} engine (known: {', '.join(known) or 'none'})"
+        )
+
+
 def load_backend(
     manifest: Manifest, model_bytes: bytes, profile: DeviceProfile, *, threads: int | None = None
 ) -> Backend:
@@ -76,6 +87,7 @@ def load_backend(
         raise ModelError(f"unknown engine '{manifest.engine}' (known: {known})") from None
     module_name, attribute = target.split(":")
     backend_class = getattr(importlib.import_module(module_name), attribute)
+    _check_engine_options(manifest, getattr(backend_class, "OPTIONS", ()))
     backend: Backend = backend_class.load(manifest, model_bytes, profile, threads=threads)
     try:
         _check_names_agree(manifest, backend)

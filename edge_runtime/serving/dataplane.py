@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 SERVER_NAME = "edge-runtime"
-_PLATFORMS = {Engine.ONNXRUNTIME.value: "onnxruntime_onnx", Engine.TFLITE.value: "tensorflow_lite"}
+_PLATFORMS = {
+    Engine.ONNXRUNTIME.value: "onnxruntime_onnx",
+    Engine.TFLITE.value: "tensorflow_lite",
+    Engine.OPENVINO.value: "openvino",
+}
 
 
 @dataclass(frozen=True)

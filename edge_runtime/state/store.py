@@ -86,10 +86,10 @@ def parse_state(raw: bytes, where: str) -> ModelState:
 def check_compatible(manifest: Manifest, device: DeviceProfile) -> None:
     """Raise BundleError unless the bundle was built for an engine, arch and CPU this device has."""
     where = f"bundle {manifest.name} {manifest.version}"
-    if manifest.engine != device.runtime.engine:
+    if manifest.engine not in device.runtime.engines:
         raise BundleError(
             f"{where} needs engine '{manifest.engine}', this device ({device.name}) runs "
-            f"'{device.runtime.engine}'"
+            f"{', '.join(repr(str(engine)) for engine in device.runtime.engines)}"
         )
     built_for = manifest.report.get("profile")
     if not isinstance(built_for, dict):

@@ -1,0 +1,287 @@
+"""Engine choice by measurement (issue 14): for a profile that lists several engines, run the
+compressed ONNX artifact through each one installed here, add OpenVINO's own int8 route (NNCF
+post-training quantization, ONNX in and QDQ ONNX out, with the weights our sensitivity analysis kept
+in float as its ignored scope), and keep the fastest candidate whose task metrics meet the budgets.
+
+Every choice is made on the selection split and timed interleaved against the original model on
+ONNX Runtime, in repeated runs; the profile's preferred engine (the first listed) is left only for a
+candidate faster than it in every run by `MARGIN`, so noise never changes the engine. The report
+split gives the chosen candidate's reported fidelity and the golden outputs come from the chosen
+engine, since the device's self-test runs there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from compressor.data import Dataset
+from compressor.measure import budget_failures, fidelity, make_session, run_all, timed_ratios
+from compressor.passes.base import CompressionContext
+from edge_runtime.artifact.golden import GoldenCase
+from edge_runtime.artifact.manifest import Manifest
+from edge_runtime.config.profiles import DeviceProfile, Engine
+from edge_runtime.core.errors import EdgeError
+
+__all__ = ["MARGIN", "EngineCandidate", "choose_engine", "engine_candidates", "installed_engines"]
+
+MARGIN = 0.90
+"""A candidate on another engine must reach this share of the preferred one's latency in every run."""
+ONNX_ENGINES = (Engine.ONNXRUNTIME, Engine.OPENVINO)
+"""Engines that load an .onnx artifact."""
+DISPLAY = {Engine.ONNXRUNTIME: "ONNX Runtime", Engine.OPENVINO: "OpenVINO", Engine.TFLITE: "TFLite"}
+"""Engine names for the log (a user reads them beside the library messages we keep off the terminal)."""
+_PACKAGES = {Engine.ONNXRUNTIME: "onnxruntime", Engine.OPENVINO: "openvino", Engine.TFLITE: "ai_edge_litert"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineCandidate:
+    """One artifact in one engine, with the options the bundle must record to load it so."""
+
+    engine: Engine
+    label: str
+    model_bytes: bytes
+    engine_options: dict[str, str] = dataclasses.field(default_factory=dict)
+    session_config: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class _OpenvinoSession:
+    """Our OpenVINO engine behind the `run(None, feed) -> list` call the measurements use."""
+
+    def __init__(self, candidate: EngineCandidate, profile: DeviceProfile) -> None:
+        from edge_runtime.engines.openvino import OpenvinoBackend
+
+        manifest = Manifest(
+            name="candidate", version="1", profile=profile.name, engine=str(candidate.engine),
+            model_file="model.onnx", inputs=(), outputs=(), files={},
+            engine_options=dict(candidate.engine_options),
+        )  # fmt: skip
+        self._backend = OpenvinoBackend.load(manifest, candidate.model_bytes, profile)
+        self.precision = self._backend.precision
+
+    def run(self, _names: object, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = self._backend.run(dict(feed))
+        return [outputs[spec.name] for spec in self._backend.outputs]
+
+
+def installed_engines(profile: DeviceProfile, artifact_format: str) -> list[Engine]:
+    """The profile's engines, in its order, that load this artifact format and are installed here."""
+    loads = ONNX_ENGINES if artifact_format == "onnx" else (Engine.TFLITE,)
+    return [
+        engine
+        for engine in profile.runtime.engines
+        if engine in loads and importlib.util.find_spec(_PACKAGES[engine]) is not None
+    ]
+
+
+def _openvino_has_bf16() -> bool:
+    """Whether OpenVINO reports BF16 compute on this CPU (AVX512_BF16 or AMX)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _sensitive_nodes(original: onnx.ModelProto, reports: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Nodes of the original graph that read a weight our int8 search kept in float."""
+    kept = {name for report in reports for name in report.get("weights_kept_float", ())}
+    return [node.name for node in original.graph.node if node.name and kept & set(node.input)]
+
+
+def _nncf_candidate(
+    original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]]
+) -> EngineCandidate | None:
+    """NNCF's post-training int8 (ONNX in, QDQ out) with our sensitive nodes ignored; None without nncf."""
+    if importlib.util.find_spec("nncf") is None:
+        return None
+    import logging
+
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    ignored = _sensitive_nodes(original, reports)
+    try:  # NNCF draws progress bars on stdout: the user's terminal shows our progress only
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            quantized = nncf.quantize(
+                original,
+                nncf.Dataset(list(ctx.calibration)),
+                subset_size=len(ctx.calibration),
+                ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+            )
+    except Exception as exc:  # NNCF failing on a real model is a measured outcome, not a crash
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        ctx.log(f"engine choice: NNCF cannot quantize this model: {reason}")
+        return None
+    label = f"NNCF int8 ({len(ignored)} sensitive nodes ignored)"
+    return EngineCandidate(
+        Engine.OPENVINO, label, quantized.SerializeToString(), {"inference_precision": "f32"}
+    )
+
+
+def engine_candidates(
+    result: Any, original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]]
+) -> list[EngineCandidate]:
+    """Our artifact in each installed engine (OpenVINO at f32, and bf16 where the CPU has it), then
+    NNCF's int8 in OpenVINO; the profile's preferred engine comes first."""
+    engines = installed_engines(ctx.profile, result.artifact_format)
+    out: list[EngineCandidate] = []
+    for engine in engines:
+        if engine is Engine.OPENVINO:
+            out.append(
+                EngineCandidate(
+                    engine, "our artifact, f32", result.model_bytes, {"inference_precision": "f32"}
+                )
+            )
+            if _openvino_has_bf16():
+                out.append(EngineCandidate(engine, "our artifact, bf16", result.model_bytes,
+                                           {"inference_precision": "bf16"}))  # fmt: skip
+            nncf_candidate = _nncf_candidate(original, ctx, reports)
+            if nncf_candidate is not None:
+                out.append(nncf_candidate)
+        else:
+            out.append(
+                EngineCandidate(engine, "our artifact", result.model_bytes, {}, dict(result.session_config))
+            )
+    return out
+
+
+def _session(candidate: EngineCandidate, profile: DeviceProfile) -> Any:
+    """The candidate loaded as the device would load it."""
+    if candidate.engine is Engine.OPENVINO:
+        return _OpenvinoSession(candidate, profile)
+    return make_session(candidate.model_bytes, profile, candidate.session_config)
+
+
+def _row(candidate: EngineCandidate, timing: Any, index: int, failures: list[str]) -> dict[str, Any]:
+    """One line of the report's `engine_choice.candidates`."""
+    return {
+        "engine": str(candidate.engine),
+        "label": candidate.label,
+        "engine_options": dict(candidate.engine_options),
+        "bytes": len(candidate.model_bytes),
+        "latency_ratio": timing.ratios[index],
+        "latency_ratio_range": list(timing.ranges[index]),
+        "budgets_met": not failures,
+        "failures": failures,
+    }
+
+
+def _pick(candidates: list[EngineCandidate], timing: Any, ok: list[bool]) -> int:
+    """Index of the chosen candidate: the preferred one (0) unless another meets the budgets and is
+    faster than it by MARGIN in every timing run; then the fastest such by median."""
+    preferred = timing.per_run[0]
+    better = [
+        index
+        for index in range(1, len(candidates))
+        if ok[index] and all(c < MARGIN * p for c, p in zip(timing.per_run[index], preferred, strict=True))
+    ]
+    return min(better, key=lambda index: timing.ratios[index]) if better else 0
+
+
+def _measured(
+    candidates: list[EngineCandidate],
+    ctx: CompressionContext,
+    ref_outputs: list[list[np.ndarray]],
+    names: list[str],
+) -> tuple[list[EngineCandidate], list[Any], list[list[str]]]:
+    """The candidates that load and run on the selection split, their sessions and budget failures;
+    one that cannot load or run is logged and left out (the compression goes on without it)."""
+    kept, sessions, failures = [], [], []
+    for candidate in candidates:
+        try:
+            session = _session(candidate, ctx.profile)
+            outputs = run_all(session, ctx.validation)
+        except EdgeError as exc:
+            ctx.log(f"engine choice: {DISPLAY[candidate.engine]} cannot run {candidate.label}: {exc}")
+            continue
+        result = fidelity(ref_outputs, outputs, ctx.labels, names=names, tasks=ctx.tasks)
+        kept.append(candidate)
+        sessions.append(session)
+        failures.append(budget_failures(result, ctx.profile.budgets))
+    return kept, sessions, failures
+
+
+def choose_engine(result: Any, original: onnx.ModelProto, ctx: CompressionContext, held: Dataset) -> Any:
+    """`result` for the engine that measured best within budget, with the choice in its report."""
+    candidates = engine_candidates(result, original, ctx, result.report.get("passes", ()))
+    preferred = str(candidates[0].engine if candidates else ctx.profile.runtime.engine)
+    if len(candidates) < 2:
+        return dataclasses.replace(result, engine=preferred)
+    names = [spec.name for spec in result.outputs]
+    reference = make_session(original.SerializeToString(), ctx.profile)
+    kept, sessions, failures = _measured(candidates, ctx, run_all(reference, ctx.validation), names)
+    if len(kept) < 2 or kept[0] is not candidates[0]:
+        return dataclasses.replace(result, engine=preferred)
+    timing = timed_ratios(reference, sessions, dict(ctx.validation[0]))
+    chosen = _pick(kept, timing, [not f for f in failures])
+    rows = [_row(c, timing, i, failures[i]) for i, c in enumerate(kept)]
+    rows[chosen]["chosen"] = True
+    pick = kept[chosen]
+    ctx.log(
+        f"engine choice: {DISPLAY[pick.engine]} ({pick.label}), {timing.ratios[chosen]:.2f}x of the original"
+    )
+    report = {
+        **result.report,
+        "engine_choice": {"engine": str(pick.engine), "margin": MARGIN, "candidates": rows},
+    }
+    if chosen == 0 and pick.engine is Engine.ONNXRUNTIME:  # what the pipeline measured already
+        return dataclasses.replace(result, engine=str(pick.engine), report=report)
+    measured = (timing.ratios[chosen], timing.ranges[chosen])
+    outcome = _as_chosen(result, pick, sessions[chosen], reference, held, ctx, report, measured)
+    if outcome.budgets_met or not result.budgets_met or candidates[0].engine is not Engine.ONNXRUNTIME:
+        return outcome
+    # The selection split chose it, the report split refuses it: keep what the pipeline validated.
+    rows[chosen]["chosen"], rows[0]["chosen"] = False, True
+    ctx.log(
+        f"engine choice: {DISPLAY[pick.engine]} misses the budgets on the report split; keeping ONNX Runtime"
+    )
+    report["engine_choice"] = {**report["engine_choice"], "engine": preferred,
+                               "refused_on_report_split": outcome.report["budgets"]["failures"]}  # fmt: skip
+    return dataclasses.replace(result, engine=preferred, report=report)
+
+
+def _as_chosen(
+    result: Any, chosen: EngineCandidate, session: Any, reference: Any, held: Dataset,
+    ctx: CompressionContext, report: dict[str, Any], measured: tuple[float, tuple[float, float]],
+) -> Any:  # fmt: skip
+    """The result rebuilt around the chosen candidate: bytes, options, fidelity on the report split
+    (which no choice saw), budgets checked again, golden outputs from the chosen engine."""
+    from compressor.pipeline import _check_budgets
+
+    names = [spec.name for spec in result.outputs]
+    original_bytes = report["original"]["bytes"]
+    ratio, ratio_range = measured
+    held_fidelity = fidelity(run_all(reference, held.samples), run_all(session, held.samples), held.labels,
+                             names=names, tasks=ctx.tasks)  # fmt: skip
+    baseline_ms = report["original"]["latency_ms"]
+    report["compressed"] = {
+        **report["compressed"],
+        "engine": str(chosen.engine),
+        "engine_options": dict(chosen.engine_options),
+        "bytes": len(chosen.model_bytes),
+        "size_ratio": original_bytes / len(chosen.model_bytes),
+        "latency_ms": baseline_ms * ratio,
+        "latency_ratio": ratio,
+        "latency_ratio_range": list(ratio_range),
+        "fidelity": held_fidelity.to_dict(),
+    }
+    _check_budgets(report, held_fidelity, ctx.profile)
+    golden = [
+        GoldenCase(dict(case.inputs), dict(zip(names, session.run(None, case.inputs), strict=True)))
+        for case in result.golden
+    ]
+    return dataclasses.replace(
+        result,
+        model_bytes=chosen.model_bytes,
+        engine=str(chosen.engine),
+        engine_options=dict(chosen.engine_options),
+        session_config=dict(chosen.session_config),
+        report=report,
+        golden=golden,
+    )
