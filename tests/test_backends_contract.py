@@ -181,3 +181,36 @@ def test_runtime_modules_import_without_onnx_or_tflite():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_onnx_runtime_reads_no_external_data_beside_the_process(
+    device_profile, tmp_path, monkeypatch
+) -> None:
+    # From bytes, ONNX Runtime (without graph optimizations) resolves a model's external data against
+    # the working directory, "../" included: a bundle could make the daemon read a file there.
+    import onnxruntime as ort
+
+    from edge_runtime.engines import onnx as onnx_engine
+    from tests.test_openvino_engine import _model_with_external_weights
+
+    plain = onnx_engine._session_options
+
+    def unoptimized(manifest: Manifest, threads: int) -> ort.SessionOptions:
+        options = plain(manifest, threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return options
+
+    monkeypatch.setattr(onnx_engine, "_session_options", unoptimized)
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    for folder in (tmp_path, tmp_path / "run"):
+        (folder / "secret.bin").write_bytes(b"KEY!")
+    manifest = dataclasses.replace(manifest_for("onnxruntime"), inputs=(), outputs=())
+    for location in ("secret.bin", "../secret.bin", str(tmp_path / "secret.bin")):
+        with pytest.raises(ModelError, match="cannot load the model"):
+            load_backend(manifest, _model_with_external_weights(location), device_profile)
+    with pytest.raises(ModelError, match="is refused"):
+        bad = {"session.model_external_initializers_file_folder_path": str(tmp_path)}
+        load_backend(
+            dataclasses.replace(manifest, session_config=bad), build_onnx_mlp(WEIGHTS), device_profile
+        )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -60,18 +62,37 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(name=node.name, dtype=dtype, shape=shape)
 
 
+_EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+@cache
+def _empty_folder() -> str:
+    """A private empty folder: where ORT may look for a model's external weights (so it finds none)."""
+    return tempfile.mkdtemp(prefix="edge-ort-no-external-data-")
+
+
 def _session_options(manifest: Manifest, threads: int) -> ort.SessionOptions:
-    """Options with the thread count and every session config entry the manifest asks for."""
+    """Options with the thread count and every session config entry the manifest asks for.
+
+    A model loaded from bytes would otherwise read "external data" files named in it relative to
+    the process's working directory (even ``../``); every bundle carries its weights inside the
+    model, so external data is confined to an empty folder, and a model naming any is refused.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     for key, value in sorted(manifest.session_config.items()):
+        if key == _EXTERNAL_DATA_FOLDER:
+            raise ModelError(
+                f"session config entry {key} is refused: a bundle carries its weights inside the model"
+            )
         try:
             options.add_session_config_entry(key, value)
         except _ORT_ERRORS as exc:
             raise ModelError(f"session config entry {key}={value} is refused: {exc}") from exc
+    options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, _empty_folder())
     return options
 
 

@@ -175,7 +175,7 @@ class TfliteBackend:
             return _quantize(slot, value)
         if value.dtype != slot.dtype:
             raise RequestError(f"input '{name}' has dtype {value.dtype}, the model takes {slot.dtype}")
-        return np.ascontiguousarray(value)
+        return value if value.flags.c_contiguous else np.ascontiguousarray(value)  # keeps a 0-d feed 0-d
 
     def _resize(self, prepared: dict[int, np.ndarray]) -> None:
         """Resize inputs whose shape changed (a new batch size), then re-allocate."""
