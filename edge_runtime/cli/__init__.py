@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flash": ("edge_runtime.cli.flash:flash", "Push a bundle to devices over MQTT (A/B, trial, rollback)."),
     "rollback": ("edge_runtime.cli.flash:rollback", "Return a device's model to its previous version."),
     "models": ("edge_runtime.cli.flash:models", "Show what a device has installed, active and serving."),
+    "cancel": ("edge_runtime.cli.flash:cancel", "End a device's running (stuck) model update as failed."),
 }
 
 

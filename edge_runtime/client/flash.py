@@ -305,7 +305,7 @@ def flash_many(
 def command(
     broker: Broker | str, device: str, op: CommandOp, *, model: str | None = None, timeout: float = 10.0
 ) -> dict:
-    """Send ``models`` or ``rollback`` to a device and return its answer (EdgeError if it refused)."""
+    """Send ``models``, ``rollback`` or ``cancel`` to a device and return its answer (EdgeError if it refused)."""
     from edge_runtime.transports.mqtt.topics import DeviceTopics
 
     topics = DeviceTopics(device)

@@ -2,7 +2,9 @@
 
 Every handler is idempotent (a restart re-runs the state it was in): installing an installed
 bundle is a no-op, activating the active version is a no-op, a swap is skipped when the registry
-already serves the version. Every write to the store goes through `store_writes`.
+already serves the version. Every write to the store goes through `store_writes`, and so does
+every swap that follows one: the daemon's SIGHUP reload holds the same lock, so it never reads a
+state the update is about to serve differently (nor swaps in a version the update just left).
 """
 
 from __future__ import annotations
@@ -182,10 +184,10 @@ class InstallSteps:
     def committing(self, job: Job) -> Outcome:
         """Activate the new version, then hot-swap it in (the new model loads before the old goes)."""
         version = job.offer.version
-        with store_writes(self.store):
+        with store_writes(self.store):  # a SIGHUP reload (under the same lock) sees both or neither
             self.store.activate(job.model, version)
-        if serving_version(self.registry, job.model) != version:
-            self.registry.swap(job.model, self.store.open(job.model, version))
+            if serving_version(self.registry, job.model) != version:
+                self.registry.swap(job.model, self.store.open(job.model, version))
         return OK
 
     def probation(self, job: Job) -> Outcome:
