@@ -37,7 +37,6 @@ from edge_runtime.update.machine import STATES, TERMINAL, Handler, Interrupted, 
 from edge_runtime.update.steps import (
     InstallSteps,
     check_offer,
-    file_sha256,
     serving_version,
     store_writes,
 )
@@ -327,7 +326,8 @@ class UpdateService:
                     if version == state.previous
                     else "installed"
                 )
-                versions[version] = {"role": role, "size": path.stat().st_size, "sha256": file_sha256(path)}
+                versions[version] = {"role": role, "size": path.stat().st_size,
+                                     "sha256": self.store.bundle_sha256(name, version)}  # fmt: skip
             job = running.get(name) or last.get(name)
             update = None if job is None else {"job": job.id, "version": job.offer.version,
                                                "state": STATES[job.state].report_as, "reason": job.reason}  # fmt: skip
