@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -160,13 +161,23 @@ OFFER_DOC_DELTA_FORMAT = decode_offer(json.dumps(OFFER_DOC).encode()).delta.form
 
 
 @FILES
-@given(st.data())
+@given(data=st.data())
 def test_a_mangled_journal_costs_that_job_only(data: st.DataObject, tmp_path: Path) -> None:
     root = scratch_root(tmp_path)
-    journal = Journal(root)
+    try:
+        _mangle_one_of_two(data, Journal(root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _mangle_one_of_two(data: st.DataObject, journal: Journal) -> None:
     good, bad = (
-        Job(OFFER, state=State.DOWNLOADING, have=bytearray(b"\x03")),
-        Job(decode_offer({**OFFER_DOC, "job": "job-2", "delta": None, "probation": None}), state=State.TRIAL),
+        Job(OFFER, state=State.DOWNLOADING, have=bytearray(b"\x03"), updated=1.0),
+        Job(
+            decode_offer({**OFFER_DOC, "job": "job-2", "delta": None, "probation": None}),
+            state=State.TRIAL,
+            updated=2.0,
+        ),
     )
     journal.save(good)
     journal.save(bad)
