@@ -79,7 +79,7 @@ class Feeder:
         def run(job: Job) -> None:
             asked: queue.Queue[bytes | None] = queue.Queue()
             receiver = BlockReceiver(job, device.journal.part_path(job.id), request=asked.put,
-                                     persist=device.journal.save, window=window, stall_s=2.0, give_up_s=10.0,
+                                     window=window, stall_s=2.0, give_up_s=10.0,
                                      save_bytes=window * self.prepared.offer.block_size)  # fmt: skip
             killed = threading.Event()
 

@@ -255,7 +255,7 @@ class UpdateService:
         receiver = BlockReceiver(
             job, self.journal.part_path(job.id),
             request=lambda payload: self.channel.request_blocks(job.id, payload),
-            persist=self.journal.save, progress=self._report,
+            progress=self._report,
             window=settings.window, save_bytes=settings.save_bytes,
             stall_s=settings.stall_s, give_up_s=settings.give_up_s,
         )  # fmt: skip

@@ -1,15 +1,20 @@
-"""The device side of the block transfer: pull the payload through a sliding window, check, write, persist.
+"""The device side of the block transfer: pull the payload through a sliding window, check, write, sync.
 
 The device keeps at most `window` blocks in flight (asked for, not yet in): once half of them
 arrived it asks for the next lowest blocks it lacks (offset + bitmap), from the thread that
 received the block, so the next request travels while the rest of the window still arrives. Each
 block that arrives is decoded, checked against its sha256 from the offer and written at its offset
-in the part file. Once half of `save_bytes` were received since the last save (and at the end),
-the part file is fsynced and only then the job's bitmap saved; the receiver asks for no more while
-`save_bytes` wait to be saved, so the fsync overlaps the arrival of the other half but a kill -9
-costs at most `save_bytes` plus one window. A broker restart costs at most one window again (what
-was in flight). Blocks in flight that stall (lost on a broker restart, a dropped link) are asked
-for again; a reconnect asks at once.
+in the part file; once half of `save_bytes` arrived since the last sync the part file is
+fdatasynced (in the job thread, while blocks keep arriving), and no more is asked for while
+`save_bytes` wait for a sync.
+
+The part file is its own record of progress: a download that resumes (after a kill -9, a power
+cut, a restart) reads it back and keeps every block that matches its sha256 from the offer, so no
+journal write is needed while blocks arrive, and the journal's bitmap (saved as the job enters
+verifying) is only a summary. A kill -9 costs what was in flight (at most one window: the page
+cache keeps what was written), a power cut at most `save_bytes` plus one window, and a broker
+restart at most one window. Blocks in flight that stall (lost on a broker restart, a dropped link)
+are asked for again; a reconnect asks at once.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ from edge_runtime.update.machine import Interrupted, Job
 __all__ = ["BlockReceiver", "has_block"]
 
 log = logging.getLogger(__name__)
+
+
+_WRITE_BACK: int | None = getattr(os, "POSIX_FADV_DONTNEED", None)
+"""On Linux, DONTNEED on freshly written pages starts their writeback without waiting for it (the
+pages stay cached until written), as PostgreSQL's flush-after does where sync_file_range is missing."""
 
 
 def has_block(bitmap: bytearray, index: int) -> bool:
@@ -54,7 +64,6 @@ class BlockReceiver:
         part_path: Path,
         *,
         request: Callable[[bytes], None],
-        persist: Callable[[Job], None],
         progress: Callable[[Job], None] = lambda job: None,
         window: int = 16,
         save_bytes: int = 4 << 20,
@@ -65,7 +74,7 @@ class BlockReceiver:
         self.job = job
         self.offer = job.offer
         self.part_path = part_path
-        self._request, self._persist, self._progress = request, persist, progress
+        self._request, self._progress = request, progress
         self.window, self.save_bytes = window, save_bytes
         self.stall_s, self.give_up_s, self.progress_s = stall_s, give_up_s, progress_s
         size = (self.offer.blocks + 7) // 8
@@ -106,6 +115,8 @@ class BlockReceiver:
             if has_block(self._received, index) or self._fd is None:
                 return
             os.pwrite(self._fd, payload, index * offer.block_size)
+            if _WRITE_BACK is not None:  # start writing it out now: the next fsync has less to wait for
+                os.posix_fadvise(self._fd, index * offer.block_size, len(payload), _WRITE_BACK)
             _set(self._received, index)
             self._in_flight.discard(index)
             self._received_count += 1
@@ -156,7 +167,11 @@ class BlockReceiver:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(self.part_path, flags, 0o600)
         try:
-            os.ftruncate(fd, self.offer.payload_size)
+            existing = os.fstat(fd).st_size == self.offer.payload_size
+            if not existing:
+                os.ftruncate(fd, 0)  # a part file of another size holds nothing of this payload
+                os.ftruncate(fd, self.offer.payload_size)
+            self._recover(fd, scan=existing)
             with self._changed:
                 self._fd = fd
                 self._last_block = time.monotonic()
@@ -164,7 +179,7 @@ class BlockReceiver:
             if first:
                 self._ask(first)
             self._pull()
-            self._commit(save=False)  # done: the machine saves the job as it enters verifying
+            self._sync()  # done: the machine saves the job (and its bitmap) as it enters verifying
         finally:
             with self._changed:
                 self._fd = None
@@ -195,7 +210,7 @@ class BlockReceiver:
                 self._ask(again)
                 asked_at = time.monotonic()
             if unsaved >= max(1, self._save_blocks // 2):  # the fsync overlaps the other half arriving
-                self._commit(save=True)
+                self._sync()
                 with self._changed:  # refills held back while unsaved blocks piled up go out now
                     fresh = self._refill_locked(at_least=1)
                 if fresh:
@@ -213,9 +228,9 @@ class BlockReceiver:
             except Exception as exc:  # publishing while the link is down: the stall timer asks again
                 log.debug("update %s: block request not sent (%s)", self.offer.job, exc)
 
-    def _commit(self, *, save: bool) -> None:
-        """fsync the part file, then note (and with `save`, persist) which blocks it holds."""
-        with self._changed:  # what was written before the fsync starts is what the fsync makes durable
+    def _sync(self) -> None:
+        """fdatasync the part file; what was written before it started now survives a power cut."""
+        with self._changed:
             written = bytearray(self._received)
             fd = self._fd
         assert fd is not None
@@ -223,8 +238,23 @@ class BlockReceiver:
         self.job.have = written
         with self._changed:
             self._saved_count = _count_bits(written)
-        if save:
-            self._persist(self.job)
+
+    def _recover(self, fd: int, *, scan: bool) -> None:
+        """With `scan`, keep the blocks of the part file that match their sha256 (a resumed download)."""
+        offer, kept = self.offer, 0
+        received = bytearray(len(self._received))
+        for index in range(offer.blocks if scan else 0):
+            data = os.pread(fd, offer.block_length(index), index * offer.block_size)
+            if data.count(0) == len(data):  # never written (or zeros: fetched again, cheaply)
+                continue
+            if hashlib.sha256(data).hexdigest() == offer.block_sha256[index]:
+                _set(received, index)
+                kept += 1
+        self._received = received
+        self._received_count = self._saved_count = kept
+        self.job.have = bytearray(received)
+        if scan:
+            log.info("update %s: resuming with %d of %d blocks on disk", offer.job, kept, offer.blocks)
 
     @property
     def percent(self) -> int:
