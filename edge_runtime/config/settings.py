@@ -299,7 +299,7 @@ class UpdateSettings:
     window: int = 16
     """Blocks in flight at once (at most this many are sent again after a broker restart); 1 to 256."""
     save_bytes: int = 4 << 20
-    """Received bytes at most not yet saved (fsync + journal write; a save starts at half of it)."""
+    """Received bytes at most not yet fdatasynced (what a power cut can cost; a sync starts at half)."""
     stall_s: float = 3.0
     """Ask for the blocks in flight again when none of them arrived for this long."""
     give_up_s: float = 600.0
