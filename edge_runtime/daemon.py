@@ -231,7 +231,9 @@ class Daemon:
             return
         log.info("reloading the model store %s", self.settings.store)
         try:
-            report = self.registry.reload(self._open_store())
+            store = self._open_store()
+            with store.lock():  # an update's activate-and-swap (under this lock) is seen whole
+                report = self.registry.reload(store)
         except Exception as exc:  # a store gone or a key unreadable: keep serving what we have
             log.error("reload refused, still serving what was loaded: %s", exc)
             return
@@ -332,6 +334,7 @@ class Daemon:
         self.updates = UpdateService(
             self.store, self.registry, UpdateChannel(link, self.topics),
             model_stats=lambda name: dataplane.metrics.snapshot()["models"].get(name),
+            transfer=self.settings.update,
         )  # fmt: skip
         self.updates.start()
 

@@ -356,10 +356,11 @@ def test_bad_input_is_reported_and_changes_nothing(daemon, broker, mlp_bundle_fa
     # malformed
     probe.publish(TOPICS.update_offer, b'{"v": 1, "job": "x"')
     probe.publish(TOPICS.update_offer, json.dumps({"v": 2, "job": "future"}).encode())
-    errors = _errors(probe, 4)
-    assert "not on this device" in errors[0]["error"]
-    assert errors[1]["job"] == "too-big" and "'size' must be a number from 1" in errors[1]["error"]
-    assert "not valid JSON" in errors[2]["error"] and "schema v2" in errors[3]["error"]
+    errors = sorted(_errors(probe, 4), key=lambda e: str(e["job"]))  # two MQTT workers: any order
+    by_text = " | ".join(e["error"] for e in errors)
+    assert "not on this device" in by_text and "not valid JSON" in by_text and "schema v2" in by_text
+    (big_error,) = [e for e in errors if e["job"] == "too-big"]
+    assert "'size' must be a number from 1" in big_error["error"]
 
     # two offers for the same model at once: the first one waits for blocks nobody serves
     first = prepare(mlp_bundle_factory("mlp", "2", seed=2).read_bytes(), block_size=1024, job="first")
@@ -368,14 +369,13 @@ def test_bad_input_is_reported_and_changes_nothing(daemon, broker, mlp_bundle_fa
     probe.publish(TOPICS.update_offer, first.offer.encode())
     probe.on(TOPICS.update_get("first"))
     probe.publish(TOPICS.update_offer, second.offer.encode())
-    assert "already running (job first)" in _errors(probe, 5)[4]["error"]
+    assert any("already running (job first)" in e["error"] for e in _errors(probe, 5)[4:])
     # a block out of range, a damaged block, a block for a job nobody offered
     probe.publish(TOPICS.update_block("first"), encode_block(10_000, b"x" * 1024))
     probe.publish(TOPICS.update_block("first"), encode_block(0, b"y" * 1024))
     probe.publish(TOPICS.update_block("nobody"), encode_block(0, b"z"))
-    errors = _errors(probe, 8)[5:]
-    assert "out of range" in errors[0]["error"] and "does not match its sha256" in errors[1]["error"]
-    assert "does not know" in errors[2]["error"]
+    stray = " | ".join(e["error"] for e in _errors(probe, 8)[5:])
+    assert "out of range" in stray and "does not match its sha256" in stray and "does not know" in stray
     assert daemon.serving() == "1"
     assert sorted(p.name for p in (store_dir / "mlp").iterdir()) == ["1", "state.json"]
     probe.close()

@@ -3,8 +3,10 @@ and crash / failure injection around the real state handlers (after Mender's sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import queue
 import threading
 import zipfile
 from collections.abc import Callable
@@ -14,10 +16,11 @@ from pathlib import Path
 from edge_runtime.client.flash import Prepared, _cut
 from edge_runtime.codecs.update_payloads import Compression, Offer, decode_block_request
 from edge_runtime.config.profiles import DeviceProfile
+from edge_runtime.core.errors import RequestError
 from edge_runtime.serving.registry import ModelRegistry
 from edge_runtime.state.store import ModelStore
 from edge_runtime.update.journal import Journal
-from edge_runtime.update.machine import Event, Handler, Job, State
+from edge_runtime.update.machine import Event, Handler, Interrupted, Job, State
 from edge_runtime.update.steps import InstallSteps
 from edge_runtime.update.transfer import BlockReceiver
 
@@ -64,28 +67,45 @@ class Device:
 
 @dataclass
 class Feeder:
-    """Serves a job's blocks straight from memory when the receiver asks; counts what it sent."""
+    """Serves a job's blocks from memory on a thread of its own (as a host through a broker would),
+    in the order they are asked for; counts what it sent."""
 
     prepared: Prepared
     sent: list[int] = field(default_factory=list)
     kill_after: int | None = None
-    """Raise Killed once this many blocks were handed over (mid-download kill)."""
+    """Stop serving and 'kill' the daemon once this many blocks were handed over (mid-download kill)."""
 
     def download(self, device: Device, window: int = 4) -> Callable[[Job], None]:
         def run(job: Job) -> None:
-            receiver = BlockReceiver(job, device.journal.part_path(job.id), request=lambda raw: feed(raw),
-                                     persist=device.journal.save, window=window, stall_s=2.0, give_up_s=10.0,
+            asked: queue.Queue[bytes | None] = queue.Queue()
+            receiver = BlockReceiver(job, device.journal.part_path(job.id), request=asked.put,
+                                     window=window, stall_s=2.0, give_up_s=10.0,
                                      save_bytes=window * self.prepared.offer.block_size)  # fmt: skip
+            killed = threading.Event()
 
-            def feed(raw: bytes) -> None:
-                for index in decode_block_request(raw).indices():
-                    if self.kill_after is not None and len(self.sent) >= self.kill_after:
-                        self.kill_after = None
-                        raise Killed
-                    self.sent.append(index)
-                    receiver.receive(index, self.prepared.blocks[index])
+            def serve() -> None:
+                while (raw := asked.get()) is not None:
+                    for index in decode_block_request(raw).indices():
+                        if self.kill_after is not None and len(self.sent) >= self.kill_after:
+                            self.kill_after = None
+                            killed.set()
+                            receiver.abort("killed")  # nothing the receiver does after this is saved
+                            return
+                        self.sent.append(index)
+                        with contextlib.suppress(RequestError):
+                            receiver.receive(index, self.prepared.blocks[index])
 
-            receiver.run()
+            server = threading.Thread(target=serve, daemon=True)
+            server.start()
+            try:
+                receiver.run()
+            except Interrupted:
+                if killed.is_set():
+                    raise Killed from None
+                raise
+            finally:
+                asked.put(None)
+                server.join(10)
 
         return run
 

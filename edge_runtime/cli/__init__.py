@@ -47,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "edge_runtime.cli.telemetry:telemetry",
         "Collect the fleet's telemetry into a database; summarize it.",
     ),
+    "cancel": ("edge_runtime.cli.flash:cancel", "End a device's running (stuck) model update as failed."),
 }
 
 

@@ -1,4 +1,4 @@
-"""`edgectl flash`, `edgectl rollback`, `edgectl models`: model updates over MQTT, from a host.
+"""`edgectl flash`, `rollback`, `models`, `cancel`: model updates over MQTT, from a host.
 
 Exit codes: 0 every device committed (or answered); 1 a device failed, refused or rolled back the
 update (one line per device says why); 2 bad arguments; a broker or device that does not answer
@@ -30,7 +30,7 @@ from edge_runtime.client.flash import (
 from edge_runtime.codecs.update_payloads import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, CommandOp, Probation
 from edge_runtime.core.errors import EdgeError, UpdateError, UsageError
 
-__all__ = ["flash", "models", "rollback"]
+__all__ = ["cancel", "flash", "models", "rollback"]
 
 _timeout = click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait.")
 
@@ -154,6 +154,19 @@ def rollback(model: str, device: str, broker: Broker, timeout: float) -> None:
     """Make MODEL's previous version active again on a device (hot swap, no restart)."""
     answer = command(broker, device, CommandOp.ROLLBACK, model=model, timeout=timeout)
     click.echo(f"{device}: {model} rolled back to {answer.get('active')} (was {answer.get('previous')})")
+
+
+@click.command()
+@click.argument("model")
+@click.option("--device", required=True, help="Device id.")
+@broker_options()
+@click.option("--timeout", type=float, default=20.0, show_default=True, help="Seconds to wait.")
+def cancel(model: str, device: str, broker: Broker, timeout: float) -> None:
+    """End MODEL's running update on a device as failed (while it downloads; the running version stays)."""
+    answer = command(broker, device, CommandOp.CANCEL, model=model, timeout=timeout)
+    click.echo(
+        f"{device}: {model} {answer.get('version')} failed: {answer.get('reason')} (job {answer.get('job')})"
+    )
 
 
 @click.command()

@@ -46,6 +46,7 @@ __all__ = [
     "flash_many",
     "parse_broker",
     "prepare",
+    "shared_fraction",
 ]
 
 DEFAULT_BLOCK_SIZE = 128 << 10
@@ -74,6 +75,8 @@ class Prepared:
 
     offer: Offer
     blocks: tuple[bytes, ...]
+    notes: tuple[str, ...] = ()
+    """How the payload was chosen (delta computed or not, and the sizes compared)."""
 
     @property
     def encoding(self) -> str:
@@ -111,6 +114,23 @@ def _encode(payload: bytes, block_size: int, compression: str) -> tuple[Compress
     return Compression.NONE, raw
 
 
+def shared_fraction(base: bytes, new: bytes, *, samples: int = 64, span: int = 32) -> float:
+    """Share of `samples` pieces of `new` (`span` bytes each, spread evenly) found anywhere in `base`.
+
+    A cheap hint (a few scans of `base`) of how much a binary delta could reuse: a fully retrained
+    model's compressed weights share next to nothing with the old ones, and bsdiff would take
+    seconds to find that out."""
+    if len(new) < span or len(base) < span:
+        return 0.0
+    step = (len(new) - span) / max(1, samples - 1)
+    positions = sorted({int(i * step) for i in range(samples)})
+    return sum(base.find(new[at : at + span]) >= 0 for at in positions) / len(positions)
+
+
+DELTA_MIN_SHARED = 0.1
+"""A delta is computed only when at least this share of the new bundle's sampled pieces is in the base."""
+
+
 def prepare(
     bundle: bytes,
     *,
@@ -120,20 +140,30 @@ def prepare(
     new_model: bool = False,
     probation: Probation | None = None,
     job: str | None = None,
+    delta_min_shared: float = DELTA_MIN_SHARED,
 ) -> Prepared:
-    """The offer for `bundle`: full, or a delta against `base` = (version, bytes) when smaller."""
+    """The offer for `bundle`: full, or a delta against `base` = (version, bytes) when smaller on the wire."""
     name, version, signature = bundle_identity(bundle)
-    choices: list[tuple[int, bytes, Compression, list[bytes], Delta | None]] = []
     kind, blocks = _encode(bundle, block_size, compression)
-    choices.append((sum(map(len, blocks)), bundle, kind, blocks, None))
+    choices: list[tuple[int, bytes, Compression, list[bytes], Delta | None]] = [
+        (sum(map(len, blocks)), bundle, kind, blocks, None)
+    ]
+    notes = []
     if base is not None:
-        import bsdiff4
+        shared = shared_fraction(base[1], bundle)
+        if shared < delta_min_shared:
+            notes.append(f"no delta against {base[0]}: {shared:.0%} of the bundle's sampled pieces are in it")
+        else:
+            import bsdiff4
 
-        patch = bsdiff4.diff(base[1], bundle)
-        against = Delta(DeltaFormat.BSDIFF4, base[0], hashlib.sha256(base[1]).hexdigest())
-        kind, blocks = _encode(patch, block_size, compression)
-        choices.append((sum(map(len, blocks)), patch, kind, blocks, against))
-    _size, payload, kind, blocks, delta = min(choices, key=lambda choice: choice[0])
+            patch = bsdiff4.diff(base[1], bundle)
+            against = Delta(DeltaFormat.BSDIFF4, base[0], hashlib.sha256(base[1]).hexdigest())
+            kind, blocks = _encode(patch, block_size, compression)
+            choices.append((sum(map(len, blocks)), patch, kind, blocks, against))
+            chosen = "delta" if choices[1][0] < choices[0][0] else "full"
+            notes.append(f"delta against {base[0]}: {choices[1][0]} bytes on the wire, full: {choices[0][0]}; "
+                         f"sending the {chosen}")  # fmt: skip
+    _size, payload, kind, blocks, delta = min(choices, key=lambda choice: choice[0])  # a tie: the full one
     offer = Offer(
         job=job or uuid.uuid4().hex[:16], model=name, version=version, size=len(bundle),
         sha256=hashlib.sha256(bundle).hexdigest(), signature=signature, payload_size=len(payload),
@@ -141,7 +171,7 @@ def prepare(
         block_sha256=tuple(hashlib.sha256(piece).hexdigest() for piece in _cut(payload, block_size)),
         compression=kind, delta=delta, probation=probation, new_model=new_model,
     )  # fmt: skip
-    return Prepared(offer, tuple(blocks))
+    return Prepared(offer, tuple(blocks), tuple(notes))
 
 
 @dataclass
@@ -304,7 +334,7 @@ def flash_many(
 def command(
     broker: Broker | str, device: str, op: CommandOp, *, model: str | None = None, timeout: float = 10.0
 ) -> dict:
-    """Send ``models`` or ``rollback`` to a device and return its answer (EdgeError if it refused)."""
+    """Send ``models``, ``rollback`` or ``cancel`` to a device and return its answer (EdgeError if it refused)."""
     from edge_runtime.transports.mqtt.topics import DeviceTopics
 
     topics = DeviceTopics(device)

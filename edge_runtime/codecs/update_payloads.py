@@ -78,6 +78,8 @@ class CommandOp(StrEnum):
 
     MODELS = "models"
     ROLLBACK = "rollback"
+    CANCEL = "cancel"
+    """End the model's running update (while it is still downloading) as failed."""
 
 
 def encode_json(doc: dict[str, Any]) -> bytes:
@@ -317,7 +319,7 @@ class Command:
 
 
 def decode_command(raw: bytes) -> Command:
-    """Parse a command (rollback needs a model)."""
+    """Parse a command (rollback and cancel need a model)."""
     doc = decode_update_json(raw)
     try:
         op = CommandOp(str(doc.get("op")))
@@ -325,5 +327,5 @@ def decode_command(raw: bytes) -> Command:
         ops = ", ".join(op.value for op in CommandOp)
         raise RequestError(f"update command: 'op' must be one of {ops}") from None
     token = _matching(doc, "token", _JOB_ID, "a reply token (letters, digits, '_-', at most 64)")
-    model = _matching(doc, "model", _NAME, "a model name") if op is CommandOp.ROLLBACK else None
+    model = _matching(doc, "model", _NAME, "a model name") if op is not CommandOp.MODELS else None
     return Command(op, token, model)

@@ -30,6 +30,7 @@ __all__ = [
     "Settings",
     "StreamBinding",
     "TelemetrySettings",
+    "UpdateSettings",
     "check_files",
     "load_settings",
     "parse_settings",
@@ -192,6 +193,31 @@ class StreamBinding:
 
 
 @dataclass(frozen=True)
+class UpdateSettings:
+    """Model updates over MQTT: the block transfer and the space an update may use."""
+
+    window: int = 16
+    """Blocks in flight at once (at most this many are sent again after a broker restart); 1 to 256."""
+    save_bytes: int = 4 << 20
+    """Received bytes at most not yet fdatasynced (what a power cut can cost; a sync starts at half)."""
+    stall_s: float = 3.0
+    """Ask for the blocks in flight again when none of them arrived for this long."""
+    give_up_s: float = 600.0
+    """Fail the job when no block at all arrived for this long."""
+    reserve_bytes: int = 16 << 20
+    """Free bytes the store keeps beyond what an update needs (an offer that would eat them is refused)."""
+
+    def check(self, source: str) -> None:
+        """UsageError naming the first value out of its range."""
+        limits = {"window": (1, 256), "save_bytes": (1, 1 << 40), "stall_s": (0.01, 86400.0),
+                  "give_up_s": (self.stall_s, 7 * 86400.0), "reserve_bytes": (0, 1 << 50)}  # fmt: skip
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise UsageError(f"{source}: update.{name} must be from {low:g} to {high:g}, got {value}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the daemon is built from."""
 
@@ -208,6 +234,7 @@ class Settings:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     streams: tuple[StreamBinding, ...] = ()
+    update: UpdateSettings = field(default_factory=UpdateSettings)
     groups: tuple[str, ...] = ()
     """Fleet groups this device belongs to (``["line-3", "canary"]``), published in its facts record."""
     source: str = ""
@@ -242,6 +269,7 @@ def _check(settings: Settings, source: str) -> None:
         if value <= 0:
             raise UsageError(f"{source}: {key} must be positive, got {value}")
     settings.http.check(source)
+    settings.update.check(source)
     if settings.mqtt.keepalive > 65535:  # a 16-bit field in the MQTT CONNECT packet
         raise UsageError(f"{source}: mqtt.keepalive must be at most 65535 s, got {settings.mqtt.keepalive}")
     if settings.mqtt.reconnect_max_s < settings.mqtt.reconnect_min_s:

@@ -5,6 +5,7 @@ Layout::
     <root>/.lock                                 flock(2) held by every writer of a state.json
     <root>/.staging/                             bundles being copied in (same file system: rename)
     <root>/<model>/<version>/bundle.edgebundle   an installed bundle (verified before it is moved in)
+    <root>/<model>/<version>/bundle.sha256       its sha256, valid while the file's identity matches
     <root>/<model>/state.json                    {"v": 1, "active": "<version>", "previous": ...}
 
 Installing never activates; ``activate`` and ``rollback`` rewrite ``state.json`` atomically under
@@ -34,13 +35,14 @@ from edge_runtime.core.errors import BundleError, NotFoundError, UsageError
 from edge_runtime.core.files import atomic_write
 from edge_runtime.state.lock import FolderLock
 
-__all__ = ["STATE_VERSION", "ModelState", "ModelStore", "check_compatible", "parse_state"]
+__all__ = ["DIGEST_FILE", "STATE_VERSION", "ModelState", "ModelStore", "check_compatible", "parse_state"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 """Schema version of ``state.json``."""
 BUNDLE_FILE = "bundle" + BUNDLE_SUFFIX
+DIGEST_FILE = "bundle.sha256"
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 STAGING_DIR = ".staging"
@@ -230,7 +232,7 @@ class ModelStore:
             target = self.bundle_path(manifest.name, manifest.version)
             with self.lock():
                 if target.exists():
-                    if _file_sha256(target) == _file_sha256(staged):
+                    if self.bundle_sha256(manifest.name, manifest.version) == _file_sha256(staged):
                         log.info("%s %s is already installed", manifest.name, manifest.version)
                         return manifest
                     raise BundleError(
@@ -244,7 +246,31 @@ class ModelStore:
         finally:
             staged.unlink(missing_ok=True)
         log.info("installed %s %s into %s", manifest.name, manifest.version, target.parent)
+        self.bundle_sha256(manifest.name, manifest.version)  # computed once, here
         return manifest
+
+    def bundle_sha256(self, name: str, version: str) -> str:
+        """Hex sha256 of an installed bundle, from its sidecar while the file is the one it was computed
+        for (same inode, size, mtime and ctime), else computed and the sidecar rewritten."""
+        path = self.bundle_path(name, version)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise NotFoundError(f"model '{name}' version '{version}' is not installed") from None
+        identity = [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+        sidecar = path.with_name(DIGEST_FILE)
+        try:
+            doc = json.loads(sidecar.read_bytes()[:1024])
+            if doc["file"] == identity and isinstance(doc["sha256"], str) and len(doc["sha256"]) == 64:
+                return doc["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # missing, unreadable or stale: compute it again
+        digest = _file_sha256(path)
+        try:
+            atomic_write(sidecar, json.dumps({"file": identity, "sha256": digest}).encode(), mode=PUBLIC_MODE)
+        except OSError as exc:  # a read-only store still answers, only slower
+            log.debug("cannot write %s: %s", sidecar, exc)
+        return digest
 
     def _stage(self, source: Path) -> Path:
         """A private copy of `source` in the staging folder, flushed to disk."""

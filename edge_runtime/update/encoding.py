@@ -6,6 +6,7 @@ The host (``client/flash.py``) encodes with the same libraries; formats are name
 
 from __future__ import annotations
 
+import io
 import struct
 
 from edge_runtime.codecs.update_payloads import Compression, DeltaFormat
@@ -27,8 +28,11 @@ def decode_block_data(data: bytes, compression: Compression, length: int) -> byt
     if compression is Compression.ZSTD:
         import zstandard
 
+        # A stream read of at most length + 1 bytes: `decompress()` would allocate whatever size the
+        # frame header claims (a few KB of zeros can claim gigabytes), max_output_size notwithstanding.
         try:
-            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=length)
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+                data = reader.read(length + 1)
         except zstandard.ZstdError as exc:
             raise RequestError(f"update block is not a zstd frame of {length} bytes: {exc}") from exc
     if len(data) != length:

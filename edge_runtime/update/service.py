@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from edge_runtime.codecs.update_payloads import (
@@ -27,7 +26,8 @@ from edge_runtime.codecs.update_payloads import (
     decode_update_json,
     encode_json,
 )
-from edge_runtime.core.errors import EdgeError, UsageError
+from edge_runtime.config.settings import UpdateSettings
+from edge_runtime.core.errors import EdgeError, UpdateError, UsageError
 from edge_runtime.serving.registry import ModelRegistry
 from edge_runtime.state.store import ModelStore
 from edge_runtime.transports.mqtt.update import UpdateChannel
@@ -35,10 +35,8 @@ from edge_runtime.update.encoding import max_wire_bytes
 from edge_runtime.update.journal import Journal
 from edge_runtime.update.machine import STATES, TERMINAL, Handler, Interrupted, Job, State, run_job
 from edge_runtime.update.steps import (
-    FREE_SPACE_MARGIN,
     InstallSteps,
     check_offer,
-    file_sha256,
     serving_version,
     store_writes,
 )
@@ -50,23 +48,15 @@ log = logging.getLogger(__name__)
 
 _REMEMBER_FINISHED = 256
 _ERRORS_PER_JOB = 5
+CANCEL_REASON = "cancelled by operator"
+CANCELLABLE = frozenset({State.OFFERED, State.DOWNLOADING, State.VERIFYING})
+"""States a cancel can end a job in: nothing of it is in the store yet (verifying writes only its journal)."""
+CANCEL_WAIT_S = 5.0
 """Error reports about one job id at most (a flood of stray blocks costs a few messages)."""
 
 
-@dataclass(frozen=True)
-class TransferSettings:
-    """Block transfer and admission knobs."""
-
-    window: int = 16
-    """Blocks asked for at once (at most this many are re-sent after a broker restart)."""
-    save_bytes: int = 4 << 20
-    """Received bytes between two saves of the download's progress (fsync + journal write)."""
-    stall_s: float = 3.0
-    """Ask for a window again when no block of it arrived for this long."""
-    give_up_s: float = 600.0
-    """Fail the job when no block at all arrived for this long."""
-    reserve_bytes: int = FREE_SPACE_MARGIN
-    """Free bytes the store keeps beyond what an update needs (an offer that would eat them is refused)."""
+TransferSettings = UpdateSettings
+"""The transfer knobs are the device config's ``[update]`` table (`config.settings.UpdateSettings`)."""
 
 
 class UpdateService:
@@ -79,18 +69,20 @@ class UpdateService:
         channel: UpdateChannel,
         *,
         model_stats: Callable[[str], dict[str, Any] | None],
-        transfer: TransferSettings | None = None,
+        transfer: UpdateSettings | None = None,
         wrap_handlers: Callable[[dict[State, Handler]], dict[State, Handler]] | None = None,
     ) -> None:
         self.store, self.registry, self.channel = store, registry, channel
         self.journal = Journal(store.root)
-        self.transfer = transfer or TransferSettings()
+        self.transfer = transfer or UpdateSettings()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._install_turn = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._by_model: dict[str, str] = {}
         self._receivers: dict[str, BlockReceiver] = {}
+        self._cancelled: set[str] = set()
+        self._job_threads: dict[str, threading.Thread] = {}
         self._threads: list[threading.Thread] = []
         self._finished: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._error_counts: collections.Counter[str] = collections.Counter()
@@ -171,7 +163,7 @@ class UpdateService:
             self._error(job_id, offer.model, str(exc))
 
     def on_command(self, raw: bytes) -> None:
-        """Answer ``models`` or ``rollback`` on the command's reply topic."""
+        """Answer ``models``, ``rollback`` or ``cancel`` on the command's reply topic."""
         try:
             command = decode_command(raw)
         except EdgeError as exc:
@@ -180,6 +172,8 @@ class UpdateService:
         try:
             if command.op is CommandOp.MODELS:
                 answer: dict[str, Any] = {"models": self.models()}
+            elif command.op is CommandOp.CANCEL:
+                answer = self._cancel(command)
             else:
                 answer = self._rollback(command)
             reply = encode_json({"op": command.op.value, "ok": True, **answer})
@@ -201,6 +195,7 @@ class UpdateService:
         self._jobs[job.id] = job
         self._by_model[job.model] = job.id
         thread = threading.Thread(target=self._run, args=(job,), name=f"update-{job.id}", daemon=True)
+        self._job_threads[job.id] = thread
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
 
@@ -216,6 +211,8 @@ class UpdateService:
         finally:
             with self._lock:
                 self._jobs.pop(job.id, None)
+                self._job_threads.pop(job.id, None)
+                self._cancelled.discard(job.id)
                 if self._by_model.get(job.model) == job.id:
                     del self._by_model[job.model]
         self.journal.finish(job)
@@ -228,11 +225,14 @@ class UpdateService:
             self._finished.popitem(last=False)
 
     def _unless_stopping(self, handler: Handler) -> Handler:
-        """A handler that does not start once the daemon stops (the job resumes at next start)."""
+        """A handler that does not start once the daemon stops (the job resumes at next start) or,
+        before anything is installed, once the job was cancelled (it fails)."""
 
         def run(job: Job) -> Any:
             if self._stopping.is_set():
                 raise Interrupted("the daemon is stopping")
+            if job.id in self._cancelled and job.state in CANCELLABLE:
+                raise UpdateError(CANCEL_REASON)
             return handler(job)
 
         return run
@@ -255,7 +255,7 @@ class UpdateService:
         receiver = BlockReceiver(
             job, self.journal.part_path(job.id),
             request=lambda payload: self.channel.request_blocks(job.id, payload),
-            persist=self.journal.save, progress=self._report,
+            progress=self._report,
             window=settings.window, save_bytes=settings.save_bytes,
             stall_s=settings.stall_s, give_up_s=settings.give_up_s,
         )  # fmt: skip
@@ -326,7 +326,8 @@ class UpdateService:
                     if version == state.previous
                     else "installed"
                 )
-                versions[version] = {"role": role, "size": path.stat().st_size, "sha256": file_sha256(path)}
+                versions[version] = {"role": role, "size": path.stat().st_size,
+                                     "sha256": self.store.bundle_sha256(name, version)}  # fmt: skip
             job = running.get(name) or last.get(name)
             update = None if job is None else {"job": job.id, "version": job.offer.version,
                                                "state": STATES[job.state].report_as, "reason": job.reason}  # fmt: skip
@@ -353,3 +354,35 @@ class UpdateService:
                   "from_version": before.active, "reason": "operator rollback", "ts": round(time.time(), 3)}  # fmt: skip
         self.channel.report_state(name, encode_json(report))
         return {"model": name, "active": target, "previous": before.active}
+
+    def _cancel(self, command: Command) -> dict[str, Any]:
+        """End the model's running update as failed, if nothing of it is installed yet; wait for the end."""
+        name = str(command.model)
+        with self._lock:
+            job = self._jobs.get(self._by_model.get(name, ""))
+            if job is None:
+                raise UsageError(f"no update of '{name}' is running")
+            if job.state not in CANCELLABLE:
+                raise UsageError(
+                    f"the update of '{name}' (job {job.id}) is {STATES[job.state].report_as}, too far to "
+                    "cancel; wait for its end (`edgectl rollback` returns to the previous version)"
+                )
+            self._cancelled.add(job.id)
+            receiver = self._receivers.get(job.id)
+            thread = self._job_threads.get(job.id)
+        if receiver is not None:
+            receiver.abort(CANCEL_REASON, cancel=True)
+        if thread is not None:
+            thread.join(CANCEL_WAIT_S)
+        if job.state is not State.FAILED or CANCEL_REASON not in job.reason:
+            raise UsageError(
+                f"job {job.id} of '{name}' went on to {STATES[job.state].report_as} before the cancel"
+            )
+        log.info("update %s of %s %s cancelled by the operator", job.id, name, job.offer.version)
+        return {
+            "model": name,
+            "job": job.id,
+            "version": job.offer.version,
+            "state": "failed",
+            "reason": job.reason,
+        }

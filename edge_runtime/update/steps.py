@@ -2,7 +2,9 @@
 
 Every handler is idempotent (a restart re-runs the state it was in): installing an installed
 bundle is a no-op, activating the active version is a no-op, a swap is skipped when the registry
-already serves the version. Every write to the store goes through `store_writes`.
+already serves the version. Every write to the store goes through `store_writes`, and so does
+every swap that follows one: the daemon's SIGHUP reload holds the same lock, so it never reads a
+state the update is about to serve differently (nor swaps in a version the update just left).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from edge_runtime.artifact.bundle import read_bundle
@@ -23,12 +24,12 @@ from edge_runtime.codecs.update_payloads import Offer
 from edge_runtime.core.errors import BundleError, EdgeError, NotFoundError, UsageError
 from edge_runtime.core.files import atomic_write
 from edge_runtime.serving.registry import ModelRegistry
-from edge_runtime.state.store import ModelStore, check_compatible
+from edge_runtime.state.store import DIGEST_FILE, ModelStore, check_compatible
 from edge_runtime.update.encoding import apply_delta
 from edge_runtime.update.journal import Journal
 from edge_runtime.update.machine import Event, Handler, Interrupted, Job, State
 
-__all__ = ["FREE_SPACE_MARGIN", "InstallSteps", "check_offer", "file_sha256", "store_writes"]
+__all__ = ["FREE_SPACE_MARGIN", "InstallSteps", "check_offer", "store_writes"]
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,6 @@ def store_writes(store: ModelStore) -> Iterator[None]:
     """Hold the store's writer lock (an flock shared with the CLI and SIGHUP reloads) around writes."""
     with store.lock():
         yield
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for piece in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def check_offer(
@@ -72,17 +64,14 @@ def check_offer(
     free = shutil.disk_usage(store.root).free
     if free < needed:
         raise BundleError(f"the update needs {needed} bytes in the model store, {free} are free")
-    if (
-        offer.version in versions
-        and file_sha256(store.bundle_path(offer.model, offer.version)) != offer.sha256
-    ):
+    if offer.version in versions and store.bundle_sha256(offer.model, offer.version) != offer.sha256:
         raise BundleError(
             f"{offer.model} version {offer.version} is already installed with other content; "
             "a version is immutable, give the new bundle a new version"
         )
     if offer.delta is not None:
-        base = store.bundle_path(offer.model, offer.delta.base_version)
-        if not base.is_file() or file_sha256(base) != offer.delta.base_sha256:
+        base = offer.delta.base_version
+        if base not in versions or store.bundle_sha256(offer.model, base) != offer.delta.base_sha256:
             raise NotFoundError(
                 f"the delta's base {offer.model} {offer.delta.base_version} is not installed with "
                 "the bytes it was made against; offer the full bundle"
@@ -182,10 +171,10 @@ class InstallSteps:
     def committing(self, job: Job) -> Outcome:
         """Activate the new version, then hot-swap it in (the new model loads before the old goes)."""
         version = job.offer.version
-        with store_writes(self.store):
+        with store_writes(self.store):  # a SIGHUP reload (under the same lock) sees both or neither
             self.store.activate(job.model, version)
-        if serving_version(self.registry, job.model) != version:
-            self.registry.swap(job.model, self.store.open(job.model, version))
+            if serving_version(self.registry, job.model) != version:
+                self.registry.swap(job.model, self.store.open(job.model, version))
         return OK
 
     def probation(self, job: Job) -> Outcome:
@@ -243,6 +232,7 @@ def _remove_version(store: ModelStore, name: str, version: str) -> None:
     """Delete an installed version that never served (its trial failed)."""
     path = store.bundle_path(name, version)
     path.unlink(missing_ok=True)
+    path.with_name(DIGEST_FILE).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         path.parent.rmdir()
     log.info("removed %s %s from the store (it never served)", name, version)
