@@ -13,7 +13,7 @@ Layout, rooted at ``edge/<device_id>/``::
     update/jobs/<job>/block  payload blocks in (binary)
     update/state/<model>   retained job-style state of the last update of each model
     update/error           refused offers and stray blocks (not retained)
-    update/cmd             commands in (models, rollback); answered on update/reply/<token>
+    update/cmd             commands in (models, rollback, cancel); answered on update/reply/<token>
     inbox/<client>/...     replies a caller asked for (Response Topic or ``reply_to``)
 
 Stream bindings subscribe and publish to topics named in the configuration; ``{device}`` in
