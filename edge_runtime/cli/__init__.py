@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "rollout": (
         "edge_runtime.cli.rollout:rollout",
-        "Push a bundle to a fleet in waves: canary first, stop on failures.",
+        "Push a bundle to a fleet in waves, canary first.",
     ),
     "certs": (
         "edge_runtime.cli.certs:certs",

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -63,12 +61,8 @@ def _spec(node: Any) -> TensorSpec:
 
 
 _EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
-
-
-@cache
-def _empty_folder() -> str:
-    """A private empty folder: where ORT may look for a model's external weights (so it finds none)."""
-    return tempfile.mkdtemp(prefix="edge-ort-no-external-data-")
+_NO_FOLDER = "/proc/self/edge-runtime-no-external-data"
+"""Where ORT may look for a model's external weights: a folder that cannot exist (and costs no disk)."""
 
 
 def _session_options(manifest: Manifest, threads: int) -> ort.SessionOptions:
@@ -76,7 +70,7 @@ def _session_options(manifest: Manifest, threads: int) -> ort.SessionOptions:
 
     A model loaded from bytes would otherwise read "external data" files named in it relative to
     the process's working directory (even ``../``); every bundle carries its weights inside the
-    model, so external data is confined to an empty folder, and a model naming any is refused.
+    model, so external data is confined to a folder that cannot exist, and a model naming any is refused.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -92,7 +86,7 @@ def _session_options(manifest: Manifest, threads: int) -> ort.SessionOptions:
             options.add_session_config_entry(key, value)
         except _ORT_ERRORS as exc:
             raise ModelError(f"session config entry {key}={value} is refused: {exc}") from exc
-    options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, _empty_folder())
+    options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, _NO_FOLDER)
     return options
 
 
