@@ -399,9 +399,11 @@ class MqttLink:
                 return
             fresh = self._new_session(session.number + 1, protocol)
             self._acks.clear()
+            self._lost(
+                session
+            )  # before the swap: `connected` must never be read off the new, unconnected client
             self._session = fresh
             session.wake()
-        self._lost(session)
         log.info("new MQTT client %d (%s)", fresh.number, why)
         self._run_session(fresh)
 
