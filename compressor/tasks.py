@@ -132,6 +132,8 @@ class TaskScore:
         }
 
 
+EMPTY_NORM = 1e-3
+"""A reference row whose norm is below this share of the typical (median) reference norm is empty."""
 _EMBEDDING_HINTS = ("embed", "hidden", "pool", "feature", "sentence", "vector")
 
 
@@ -338,8 +340,9 @@ def _score_ctc(ref: Outputs, cand: Outputs, spec: TaskSpec) -> tuple[float, dict
 
 def _score_regression(ref: Outputs, cand: Outputs, pooled: bool) -> tuple[float, dict[str, float]]:
     """Mean cosine per sample (per pooled row for embeddings) and the largest absolute error. A
-    reference that is all zeros (an empty detection map) has no direction: the candidate scores 1
-    there when it stays within 1% of the typical reference norm of zero, else 0."""
+    reference that is (nearly) all zeros, such as the map of a page with no text, has no direction:
+    its cosine would be the noise's. Below `EMPTY_NORM` of the typical reference norm it counts as
+    empty, and the candidate scores 1 there when it stays within 1% of that typical norm, else 0."""
     rows_ref, rows_cand, max_abs = [], [], 0.0
     for r, c in zip(ref, cand, strict=True):
         if pooled and r.ndim == 3:
@@ -355,7 +358,7 @@ def _score_regression(ref: Outputs, cand: Outputs, pooled: bool) -> tuple[float,
     norms = np.linalg.norm(a, axis=-1)
     typical = float(np.median(norms[norms > 0])) if np.any(norms > 0) else 1.0
     cosines = _cosine_rows(a, b)
-    empty = norms == 0
+    empty = norms <= EMPTY_NORM * typical
     cosines[empty] = (np.linalg.norm(b[empty], axis=-1) <= 0.01 * typical).astype(np.float64)
     return float(np.mean(cosines)), {"max_abs_error": max_abs}
 

@@ -319,3 +319,18 @@ def test_an_empty_reference_map_counts_as_kept_when_the_candidate_stays_empty() 
         fidelity([[m] for m in maps], [[m] for m in quiet], names=["map"], tasks=spec).tasks[0].value == 1.0
     )
     assert fidelity([[m] for m in maps], [[m] for m in loud], names=["map"], tasks=spec).tasks[0].value == 0.5
+
+
+def test_a_nearly_empty_reference_map_is_not_judged_by_the_cosine_of_its_noise() -> None:
+    """PP-OCR det on a page without text gives a map of ~1e-7 everywhere: int8 noise there made the
+    cosine 0.29-0.49 and alone refused the detector (issue 13, the det regression)."""
+    rng = np.random.default_rng(0)
+    page = np.zeros((1, 1, 32, 32), np.float32)
+    page[0, 0, 10:14, 4:28] = 0.9
+    silent = np.abs(rng.normal(0, 1e-7, page.shape)).astype(np.float32)
+    noisy = np.abs(rng.normal(0, 1e-7, page.shape)).astype(np.float32)
+    spec = TaskConfig(specs={"map": TaskSpec(TaskKind.REGRESSION)})
+    score = fidelity([[page], [silent]], [[page], [noisy]], names=["map"], tasks=spec).tasks[0].value
+    assert score == pytest.approx(1.0)
+    lit = noisy + 0.2  # text appearing on the empty page is still a loss
+    assert fidelity([[page], [silent]], [[page], [lit]], names=["map"], tasks=spec).tasks[0].value == pytest.approx(0.5)

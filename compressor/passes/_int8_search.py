@@ -3,18 +3,72 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader
 
-from compressor.measure import make_session
+from compressor.measure import Fidelity, make_session
 from compressor.passes.base import Samples
 from edge_runtime.config.profiles import DeviceProfile
 
-__all__ = ["COMPUTE_OPS", "node_macs", "quantizable_nodes", "smallest_passing", "sqnr", "tensor_values"]
+__all__ = [
+    "COMPUTE_OPS",
+    "CalibrationReader",
+    "Candidate",
+    "node_macs",
+    "quantizable_nodes",
+    "smallest_passing",
+    "sqnr",
+    "tensor_values",
+]
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass
+class Candidate:
+    """One measured configuration."""
+
+    label: str
+    int8_nodes: tuple[str, ...]
+    model: onnx.ModelProto
+    """The artifact: names shortened, ready to ship."""
+    named_model: onnx.ModelProto
+    """The same graph with the original tensor names (for per-tensor error measurement)."""
+    session: ort.InferenceSession
+    size: int
+    fidelity: Fidelity
+    outputs: list[list[np.ndarray]] = field(default_factory=list)
+    """Its outputs on the selection split."""
+    latency_ratio: float | None = None
+    """Median latency relative to the pass's input model, timed interleaved (None: never timed)."""
+    per_run: list[float] = field(default_factory=list)
+    """Latency ratio of each timing run (shared with the candidates timed beside it)."""
+
+    def row(self) -> dict[str, Any]:
+        """The candidate as one line of the report."""
+        return {
+            "label": self.label,
+            "int8_compute_nodes": len(self.int8_nodes),
+            "bytes": self.size,
+            "latency_ratio": self.latency_ratio,
+            **self.fidelity.to_dict(),
+        }
+
+
+class CalibrationReader(CalibrationDataReader):
+    """ORT calibration reader over a list of feeds."""
+
+    def __init__(self, samples: Samples) -> None:
+        self._iterator: Iterator[Any] = iter(samples)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return dict(next(self._iterator, None) or {}) or None
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
