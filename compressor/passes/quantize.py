@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from compressor.passes._int8_search import (
 )
 from compressor.passes.base import CompressionContext, PassResult
 from compressor.rounding import Rounding
-from edge_runtime.config.profiles import QuantDtype
+from edge_runtime.config.profiles import Budgets, QuantDtype
 from edge_runtime.core.errors import BudgetError, UsageError
 
 __all__ = ["Int8Options", "Int8Quantization"]
@@ -83,10 +83,22 @@ class Int8Options:
     activations) or "nearest"."""
     rounding_samples: int = 16
     """Calibration samples whose layer inputs make GPTQ's Hessians."""
-    int4: bool = False
-    """Store at 4 bits the weights whose 4-bit storage keeps the task metrics within budget on the
-    selection split. Off by default: on the real classifier the selection split (50 samples) let
-    through a model that lost 3 pp on the report split; it wants error-compensating rounding."""
+    int4: bool = True
+    """Store at 4 bits (GPTQ-rounded) the weights whose 4-bit storage keeps the task metrics within
+    `int4_margin` of the budgets on the selection split; the most sensitive stay int8."""
+    int4_margin: float = 0.5
+    """Share of each budget's slack (accuracy drop, 1 - cosine) a 4-bit candidate may use on the
+    selection split, so that the report split, which it never saw, still meets the full budget."""
+
+
+def tightened(budgets: Budgets, share: float) -> Budgets:
+    """`budgets` with only `share` of their fidelity slack: a drop of share x the accuracy budget,
+    a cosine 1 - share x (1 - the cosine budget)."""
+    return replace(
+        budgets,
+        max_accuracy_drop_pp=budgets.max_accuracy_drop_pp * share,
+        min_output_cosine=1.0 - (1.0 - budgets.min_output_cosine) * share,
+    )
 
 
 class Int8Quantization:
@@ -214,7 +226,10 @@ class _Search:
             outputs = run_all(make_session(single.SerializeToString(), self.ctx.profile), probe)
             damage[name] = 1.0 - fidelity(reference, outputs).cosine
         ranking = sorted(eligible, key=lambda name: (-damage[name], name))  # most damaging first
-        budgets, trials = self.ctx.profile.budgets, dict[int, Candidate]()
+        budgets, trials = (
+            tightened(self.ctx.profile.budgets, self.options.int4_margin),
+            dict[int, Candidate](),
+        )
 
         def passes(kept: int) -> bool:
             self.int4_weights = frozenset(ranking[kept:])
