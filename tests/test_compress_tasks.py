@@ -333,4 +333,6 @@ def test_a_nearly_empty_reference_map_is_not_judged_by_the_cosine_of_its_noise()
     score = fidelity([[page], [silent]], [[page], [noisy]], names=["map"], tasks=spec).tasks[0].value
     assert score == pytest.approx(1.0)
     lit = noisy + 0.2  # text appearing on the empty page is still a loss
-    assert fidelity([[page], [silent]], [[page], [lit]], names=["map"], tasks=spec).tasks[0].value == pytest.approx(0.5)
+    assert fidelity([[page], [silent]], [[page], [lit]], names=["map"], tasks=spec).tasks[
+        0
+    ].value == pytest.approx(0.5)
