@@ -2,8 +2,11 @@
 
 ONNX Runtime's `quantize_static` does the rewriting; this pass decides *what* it rewrites:
 
-1. Every Conv/MatMul/Gemm weight is stored as int8 (see int8_weights.py). With all compute left
-   in float this "weight-only" candidate is ~4x smaller and exactly as fast as fp32: the fallback.
+1. Every Conv/MatMul/Gemm weight is stored as int8 (see int8_weights.py), rounded by GPTQ on the
+   calibration activations (rounding.py). With all compute left in float this "weight-only"
+   candidate is ~4x smaller and exactly as fast as fp32: the fallback. If it misses a budget, the
+   weights that do most damage alone (measured on the selection samples it hurts most) stay fp16.
+   Then as many weights as keep the task metrics within half the budgets' slack go to 4 bits.
 2. Int8 *compute* pays only where a node does enough work to amortize its Quantize/Dequantize
    pair. Candidates quantize the nodes above a multiply-accumulate threshold (all, top 50%, ...);
    element-wise ops (Add/Mul of squeeze-excite and hard-swish blocks) are never quantized.
