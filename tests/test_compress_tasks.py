@@ -336,3 +336,19 @@ def test_a_nearly_empty_reference_map_is_not_judged_by_the_cosine_of_its_noise()
     assert fidelity([[page], [silent]], [[page], [lit]], names=["map"], tasks=spec).tasks[
         0
     ].value == pytest.approx(0.5)
+
+
+def test_text_maps_can_be_judged_by_the_boxes_a_db_detector_would_find() -> None:
+    """`--task map=boxes`: regions above 0.3 become boxes, matched by IoU (both sides' boxes count)."""
+    page = np.zeros((1, 1, 40, 60), np.float32)
+    page[0, 0, 5:12, 5:40] = 0.9  # a text line
+    page[0, 0, 25:31, 10:30] = 0.8  # another
+    faint = page.copy()
+    faint[0, 0, 25:31, 10:30] = 0.2  # the second line fades below the threshold: lost
+    blurred = page * 0.95 + 0.01  # both lines kept, the map's values move
+    name, spec = parse_task_option("map=boxes")
+    tasks = TaskConfig(specs={name: spec})
+    kept = fidelity([[page]], [[blurred]], names=["map"], tasks=tasks).tasks[0]
+    lost = fidelity([[page]], [[faint]], names=["map"], tasks=tasks).tasks[0]
+    assert (kept.metric, kept.value, kept.details["reference_boxes"]) == ("boxes matched", 1.0, 2)
+    assert lost.value == pytest.approx(2 / 3) and lost.details["candidate_boxes"] == 1

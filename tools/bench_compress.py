@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from compressor.tasks import TaskKind, TaskSpec, score_output
 from tools import zoo
 
 __all__ = ["MODELS", "Candidate", "Row", "Task", "build_task", "host_description", "main"]
@@ -344,7 +345,8 @@ def quality(task: Task, reference: list[np.ndarray], outputs: list[np.ndarray]) 
         ref_mask = np.stack(reference) > DET_THRESHOLD
         mask = np.stack(outputs) > DET_THRESHOLD
         iou = np.sum(ref_mask & mask) / max(1, np.sum(ref_mask | mask))
-        return "-", f"map cosine {cosine:.4f}, mask IoU@{DET_THRESHOLD} {iou:.3f}"
+        boxes = score_output("map", reference, outputs, TaskSpec(TaskKind.BOXES)).value
+        return "-", f"map cosine {cosine:.4f}, mask IoU@{DET_THRESHOLD} {iou:.3f}, boxes matched {boxes:.1%}"
     if task.kind is Kind.ENCODER:  # sentence embedding: mean over the unmasked tokens
         masks = [feed["attention_mask"][0].astype(bool) for feed in task.evaluation]
         pooled = lambda outs: [o[0][m].mean(0) for o, m in zip(outs, masks, strict=True)]  # noqa: E731
