@@ -89,6 +89,9 @@ class Int8Options:
     int4: bool = True
     """Store at 4 bits (GPTQ-rounded) the weights whose 4-bit storage keeps the task metrics within
     `int4_margin` of the budgets on the selection split; the most sensitive stay int8."""
+    int4_min_samples: int = 30
+    """4-bit storage is tried only on a selection split of at least this many samples: on fewer,
+    one sample moves a share by more than the budget, and 4-bit damage passes unseen."""
     int4_margin: float = 0.5
     """Share of each budget's slack (accuracy drop, 1 - cosine) a 4-bit candidate may use on the
     selection split, so that the report split, which it never saw, still meets the full budget."""
@@ -221,6 +224,12 @@ class _Search:
         _, stored = store_weights_int8(self.model, skip=self.float_weights)
         eligible = store_weights_int4(self.model, only=frozenset(stored.names))[1].names
         if not (self.options.int4 and eligible):
+            return storage
+        if len(self.ctx.validation) < self.options.int4_min_samples:
+            self.ctx.log(
+                f"  4-bit weights not tried: {len(self.ctx.validation)} selection samples, "
+                f"fewer than {self.options.int4_min_samples} (give more --validation data)"
+            )
             return storage
         probe, reference = self.probe_feeds()
         damage = {}
