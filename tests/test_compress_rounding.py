@@ -109,3 +109,18 @@ def test_rounding_option_is_checked(tmp_path) -> None:
     ctx = CompressionContext(PROFILE, images(2, 1), images(2, 2), tmp_path)
     with pytest.raises(UsageError, match="rounding='bogus'"):
         Int8Quantization(Int8Options(rounding="bogus")).run(cnn(), ctx)
+
+
+def test_weight_damage_is_probed_on_the_samples_int8_hurts_most(tmp_path) -> None:
+    """The det regression: damage was measured on the first 4 selection samples, which may be easy
+    pages; the probe is now the 4 on which the all-int8 candidate scores worst."""
+    from compressor.passes.quantize import _Search
+
+    feeds = images(10, 2)
+    ctx = CompressionContext(PROFILE, images(4, 1), feeds, tmp_path, log=lambda line: None)
+    search = _Search(cnn(), ctx, Int8Options(rounding="nearest"))
+    candidate = search.evaluate("weight-only int8", ())
+    hurt = [2, 5, 7, 9]
+    for index in hurt:  # as if int8 moved these samples' outputs most
+        candidate.outputs[index] = [-output for output in search.reference[index]]
+    assert search.hardest_samples(candidate) == hurt
