@@ -49,7 +49,8 @@ def _resize(g: _Graph, node: onnx.NodeProto) -> _Value:
     if scales is not None and scales.size == 4:
         size = (round(height * float(scales[2])), round(width * float(scales[3])))
     elif len(node.input) > 3 and node.input[3] in g.consts:
-        size = tuple(int(s) for s in g.consts[node.input[3]][2:])
+        sizes = g.consts[node.input[3]]
+        size = (int(sizes[2]), int(sizes[3]))
     else:
         raise CompressionError("TFLite export: Resize needs constant scales or sizes")
     if size[0] % height or size[1] % width:
