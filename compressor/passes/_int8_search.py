@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from compressor.measure import Fidelity, make_session
 from compressor.passes.base import Samples
-from edge_runtime.config.profiles import DeviceProfile
+from edge_runtime.config.profiles import Budgets, DeviceProfile
 
 __all__ = [
     "COMPUTE_OPS",
@@ -25,6 +25,7 @@ __all__ = [
     "smallest_passing",
     "sqnr",
     "tensor_values",
+    "tightened",
 ]
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -163,3 +164,13 @@ def sqnr(reference: list[np.ndarray] | None, noisy: list[np.ndarray] | None) -> 
     signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
     noise = sum(float(np.sum((r.astype(np.float64) - n) ** 2)) for r, n in zip(reference, noisy, strict=True))
     return math.inf if noise == 0 or signal == 0 else 10 * math.log10(signal / noise)
+
+
+def tightened(budgets: Budgets, share: float) -> Budgets:
+    """`budgets` with only `share` of their fidelity slack: a drop of share x the accuracy budget,
+    a cosine 1 - share x (1 - the cosine budget)."""
+    return replace(
+        budgets,
+        max_accuracy_drop_pp=budgets.max_accuracy_drop_pp * share,
+        min_output_cosine=1.0 - (1.0 - budgets.min_output_cosine) * share,
+    )

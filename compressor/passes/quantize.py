@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,12 @@ from compressor.passes._int8_search import (
     smallest_passing,
     sqnr,
     tensor_values,
+    tightened,
 )
 from compressor.passes.base import CompressionContext, PassResult
 from compressor.rounding import Rounding
-from edge_runtime.config.profiles import Budgets, QuantDtype
-from edge_runtime.core.errors import BudgetError, UsageError
+from edge_runtime.config.profiles import QuantDtype
+from edge_runtime.core.errors import BudgetError, ModelError, UsageError
 
 __all__ = ["Int8Options", "Int8Quantization"]
 
@@ -95,16 +96,6 @@ class Int8Options:
     int4_margin: float = 0.5
     """Share of each budget's slack (accuracy drop, 1 - cosine) a 4-bit candidate may use on the
     selection split, so that the report split, which it never saw, still meets the full budget."""
-
-
-def tightened(budgets: Budgets, share: float) -> Budgets:
-    """`budgets` with only `share` of their fidelity slack: a drop of share x the accuracy budget,
-    a cosine 1 - share x (1 - the cosine budget)."""
-    return replace(
-        budgets,
-        max_accuracy_drop_pp=budgets.max_accuracy_drop_pp * share,
-        min_output_cosine=1.0 - (1.0 - budgets.min_output_cosine) * share,
-    )
 
 
 class Int8Quantization:
@@ -235,9 +226,15 @@ class _Search:
         damage = {}
         for name in eligible:
             single, _ = store_weights_int4(self.model, only=frozenset({name}), rounding=self.rounding)
-            outputs = run_all(make_session(single.SerializeToString(), self.ctx.profile), probe)
+            try:
+                outputs = run_all(make_session(single.SerializeToString(), self.ctx.profile), probe)
+            except ModelError as exc:  # an ORT graph optimizer that trips over the rebuild nodes
+                self.ctx.log(f"  {name} stays int8: its 4-bit rebuild does not load ({exc})"[:200])
+                continue
             damage[name] = 1.0 - fidelity(reference, outputs).cosine
-        ranking = sorted(eligible, key=lambda name: (-damage[name], name))  # most damaging first
+        ranking = sorted(damage, key=lambda name: (-damage[name], name))  # most damaging first
+        if not ranking:
+            return storage
         budgets, trials = (
             tightened(self.ctx.profile.budgets, self.options.int4_margin),
             dict[int, Candidate](),
@@ -245,7 +242,10 @@ class _Search:
 
         def passes(kept: int) -> bool:
             self.int4_weights = frozenset(ranking[kept:])
-            trial = trials[kept] = self.evaluate(f"int4 weights, {kept} most sensitive int8", ())
+            try:
+                trial = trials[kept] = self.evaluate(f"int4 weights, {kept} most sensitive int8", ())
+            except ModelError:
+                return False
             self.record(trial)
             return meets_budgets(trial.fidelity, self.reference_fidelity, budgets)[0]
 
