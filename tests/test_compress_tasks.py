@@ -129,7 +129,7 @@ def test_embeddings_are_judged_by_pooled_cosine_and_maps_by_cosine_and_max_error
 
 def test_task_option_and_errors() -> None:
     assert parse_task_option("logits=ctc:0.98") == ("logits", TaskSpec(TaskKind.CTC, min_score=0.98))
-    for bad in ("logits", "logits=boxes", "=ctc", "logits=ctc:high"):
+    for bad in ("logits", "logits=bboxes", "=ctc", "logits=ctc:high"):
         with pytest.raises(UsageError, match="--task"):
             parse_task_option(bad)
 
