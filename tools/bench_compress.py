@@ -1,6 +1,6 @@
 """Benchmark: fp32 vs ONNX Runtime `quantize_static` defaults vs our compressor, on real models.
 
-Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec,vad]
+Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec,vad,minilm]
 
 Every candidate is timed interleaved with its fp32 model in this process (batch 1, one intra-op
 thread) and judged on held-out samples the compressor never saw (it gets a separate tuning split).
