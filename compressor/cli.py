@@ -72,7 +72,7 @@ def _echo(line: str) -> None:
     "task_options",
     multiple=True,
     metavar="OUTPUT=KIND[:MIN]",
-    help="How to judge an output: classes, ctc, detection, embedding, decision, regression "
+    help="How to judge an output: classes, ctc, detection, boxes, embedding, decision, regression "
     "(default: guessed from its shape); MIN is its budget on that task's metric. Repeatable.",
 )
 @click.option(

@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.int8_weights import MIN_ELEMENTS, _is_weight_input, _weight_consumers, weight_channel_axis
+from compressor.int8_weights import (
+    MIN_ELEMENTS,
+    _is_weight_input,
+    _weight_consumers,
+    quantize_weight,
+    weight_channel_axis,
+)
+
+if TYPE_CHECKING:
+    from compressor.rounding import Rounding
 
 __all__ = ["Int4Report", "store_weights_int4"]
 
@@ -30,12 +40,13 @@ class Int4Report:
     packed_bytes: int
 
 
-def _pack(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def _pack(
+    name: str, weight: np.ndarray, axis: int, rounding: Rounding | None
+) -> tuple[np.ndarray, np.ndarray]:
     """(packed uint8 [rows/2, ...], scale shaped to broadcast) of a weight with an even axis 0."""
-    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
-    max_abs = np.max(np.abs(weight), axis=reduce_axes, keepdims=True).astype(np.float32)
-    scale = np.where(max_abs > 0, max_abs / 7.0, 1.0).astype(np.float32)
-    levels = (np.clip(np.round(weight / scale), -7, 7) + 8).astype(np.uint8)  # 1..15
+    signed, scale, _ = quantize_weight(name, weight, axis, 4, rounding)
+    scale = scale.astype(np.float32)
+    levels = (signed + 8).astype(np.uint8)  # 1..15
     half = weight.shape[0] // 2
     return (levels[:half] << 4) | levels[half:], scale
 
@@ -55,8 +66,11 @@ def _rebuild_nodes(name: str) -> list[onnx.NodeProto]:
     ]
 
 
-def store_weights_int4(model: onnx.ModelProto, only: frozenset[str]) -> tuple[onnx.ModelProto, Int4Report]:
-    """A copy of `model` whose float weights named in `only` (main graph) are stored as packed 4-bit."""
+def store_weights_int4(
+    model: onnx.ModelProto, only: frozenset[str], rounding: Rounding | None = None
+) -> tuple[onnx.ModelProto, Int4Report]:
+    """A copy of `model` whose float weights named in `only` (main graph) are stored as packed 4-bit,
+    rounded by `rounding` (GPTQ) where it knows the weight."""
     result = copy.deepcopy(model)
     graph = result.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -75,7 +89,7 @@ def store_weights_int4(model: onnx.ModelProto, only: frozenset[str]) -> tuple[on
         axes = {weight_channel_axis(u.op_type, u, weight.ndim) for u in users} if weight.ndim >= 2 else set()
         if weight.size < MIN_ELEMENTS or len(axes) != 1 or weight.shape[0] % 2:
             continue
-        packed, scale = _pack(weight, axes.pop())
+        packed, scale = _pack(name, weight, axes.pop(), rounding)
         graph.initializer.remove(init)
         graph.initializer.extend(
             [

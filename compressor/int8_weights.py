@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+if TYPE_CHECKING:
+    from compressor.rounding import Rounding
+
 __all__ = [
     "WeightStorageReport",
+    "quantize_weight",
     "store_small_floats_fp16",
     "store_weights_int8",
     "subgraphs",
@@ -86,6 +91,32 @@ def _quantize_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np
     return quantized, scale, sqnr
 
 
+def quantize_weight(
+    name: str, weight: np.ndarray, axis: int, bits: int, rounding: Rounding | None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Symmetric per-channel levels at `bits`: (levels, scale shaped to broadcast, SQNR in dB), rounded
+    by `rounding` (GPTQ) when it knows the weight, else to nearest."""
+    rounded = rounding.quantize(name, weight, bits) if rounding is not None else None
+    if rounded is None:
+        if bits == 8:
+            return _quantize_per_channel(weight, axis)
+        qmax = (1 << (bits - 1)) - 1
+        reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
+        max_abs = np.max(np.abs(weight), axis=reduce_axes, keepdims=True).astype(np.float32)
+        scale = np.where(max_abs > 0, max_abs / qmax, 1.0).astype(np.float32)
+        levels = np.clip(np.round(weight / scale), -qmax, qmax)
+    else:
+        levels, flat_scale = rounded
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        scale = flat_scale.reshape(shape)
+    error = weight - levels.astype(np.float32) * scale
+    signal = float(np.sum(weight.astype(np.float64) ** 2))
+    noise = float(np.sum(error.astype(np.float64) ** 2))
+    sqnr = 10 * np.log10(signal / noise) if noise > 0 and signal > 0 else float("inf")
+    return levels, scale, sqnr
+
+
 def _weight_consumers(graph: onnx.GraphProto, initializer_names: set[str]) -> dict[str, list[onnx.NodeProto]]:
     """Initializer name -> nodes reading it (any input position)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -123,7 +154,11 @@ class _Tally:
 
 
 def _store_in_graph(
-    graph: onnx.GraphProto, skip: frozenset[str], only: frozenset[str] | None, tally: _Tally
+    graph: onnx.GraphProto,
+    skip: frozenset[str],
+    only: frozenset[str] | None,
+    tally: _Tally,
+    rounding: Rounding | None = None,
 ) -> None:
     """Convert, in place, the weights `graph` itself holds (not those of nested graphs)."""
     initializers = {init.name: init for init in graph.initializer}
@@ -139,7 +174,8 @@ def _store_in_graph(
         axes = {weight_channel_axis(u.op_type, u, weight.ndim) for u in users} if weight.ndim >= 2 else set()
         if weight.size < MIN_ELEMENTS or len(axes) != 1:
             continue
-        quantized, scale, sqnr = _quantize_per_channel(weight, axes.pop())
+        levels, scale, sqnr = quantize_weight(name, weight, axes.pop(), 8, rounding)
+        quantized = levels.astype(np.int8)
         graph.initializer.remove(init)
         graph.initializer.extend(
             [numpy_helper.from_array(quantized, f"{name}_i8"), numpy_helper.from_array(scale, f"{name}_s")]
@@ -157,15 +193,19 @@ def _store_in_graph(
 
 
 def store_weights_int8(
-    model: onnx.ModelProto, skip: frozenset[str] = frozenset(), only: frozenset[str] | None = None
+    model: onnx.ModelProto,
+    skip: frozenset[str] = frozenset(),
+    only: frozenset[str] | None = None,
+    rounding: Rounding | None = None,
 ) -> tuple[onnx.ModelProto, WeightStorageReport]:
     """A copy of `model` whose float weights (see WEIGHT_OPS) are stored as int8 + per-channel scale,
-    in the main graph and in nested graphs (If branches, loop bodies) alike."""
+    in the main graph and in nested graphs (If branches, loop bodies) alike; main-graph weights that
+    `rounding` knows are rounded by GPTQ."""
     result = copy.deepcopy(model)
     tally = _Tally(converted=[])
     # Nested graphs first, deepest first: rewriting a graph's node list copies the graphs inside it.
     for graph in [*reversed(subgraphs(result.graph)), result.graph]:
-        _store_in_graph(graph, skip, only, tally)
+        _store_in_graph(graph, skip, only, tally, rounding if graph is result.graph else None)
     report = WeightStorageReport(
         len(tally.converted), tuple(tally.converted), tally.float_bytes, tally.int8_bytes, tally.worst
     )

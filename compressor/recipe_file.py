@@ -5,9 +5,9 @@ metric = "mymetrics:line_accuracy"    # optional: module:function(reference, can
 metric_min = 0.97                     # optional: its budget (default: the profile's pp budget)
 
 [tasks.logits]                        # one table per output; unnamed outputs are guessed
-kind = "ctc"                          # classes | ctc | detection | embedding | decision | regression
+kind = "ctc"                          # classes | ctc | detection | boxes | embedding | decision | regression
 min_score = 0.98                      # optional budget on this output's task metric
-blank = 0                             # ctc only; detection: score_threshold, iou
+blank = 0                             # ctc only; detection: score_threshold, iou; boxes: map_threshold
 
 [options.int8]                        # keyword options of a pass
 calibrate_method = "Percentile"

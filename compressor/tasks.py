@@ -7,6 +7,8 @@ original model's, as a share where 1.0 means "as the original":
     classes     top-1 agreement per row (and accuracy against labels, when given)
     ctc         per-step class scores decoded greedily as CTC: share of identical strings (+ CER)
     detection   YOLO-layout heads decoded above a score threshold and matched by IoU: matched share
+    boxes       probability maps (DB text detectors): connected regions above `map_threshold`,
+                their bounding boxes matched by IoU: matched share (named by the user, never guessed)
     embedding   cosine of the pooled (mean over tokens) vector
     decision    binary scores thresholded at 0.5: share of identical decisions
     regression  maps and regressions: cosine (+ max abs error)
@@ -37,6 +39,7 @@ __all__ = [
     "decode_yolo",
     "guess_task",
     "load_metric",
+    "map_boxes",
     "parse_task_option",
     "score_output",
 ]
@@ -52,6 +55,7 @@ class TaskKind(StrEnum):
     CLASSES = "classes"
     CTC = "ctc"
     DETECTION = "detection"
+    BOXES = "boxes"
     EMBEDDING = "embedding"
     DECISION = "decision"
     REGRESSION = "regression"
@@ -61,6 +65,7 @@ METRIC_NAMES = {
     TaskKind.CLASSES: "top-1 agreement",
     TaskKind.CTC: "strings identical",
     TaskKind.DETECTION: "detections matched",
+    TaskKind.BOXES: "boxes matched",
     TaskKind.EMBEDDING: "pooled cosine",
     TaskKind.DECISION: "decisions identical",
     TaskKind.REGRESSION: "cosine",
@@ -85,6 +90,10 @@ class TaskSpec:
     """detection: a box is looked for on the other side down to this far below the threshold."""
     blank: int = 0
     """ctc: the blank class index."""
+    map_threshold: float = 0.3
+    """boxes: map values above this are text (PP-OCR's DB post-processing default)."""
+    min_pixels: int = 4
+    """boxes: smaller regions are noise, not boxes."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,8 @@ class TaskScore:
         }
 
 
+EMPTY_NORM = 1e-3
+"""A reference row whose norm is below this share of the typical (median) reference norm is empty."""
 _EMBEDDING_HINTS = ("embed", "hidden", "pool", "feature", "sentence", "vector")
 
 
@@ -325,6 +336,35 @@ def _score_detection(ref: Outputs, cand: Outputs, spec: TaskSpec) -> tuple[float
     }
 
 
+def map_boxes(probability: np.ndarray, threshold: float, min_pixels: int) -> np.ndarray:
+    """Bounding boxes [n, 4] (x1 y1 x2 y2) of the connected regions of a 2-D map above `threshold`."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(probability > threshold)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    boxes = [
+        (region[1].start, region[0].start, region[1].stop, region[0].stop)
+        for index, region in enumerate(ndimage.find_objects(labels), start=1)
+        if region is not None and sizes[index] >= min_pixels
+    ]
+    return np.array(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+def _score_boxes(ref: Outputs, cand: Outputs, spec: TaskSpec) -> tuple[float, dict[str, float]]:
+    """Share of boxes (either side's) that the other side has at IoU >= `iou`, on maps [N, (1,) H, W]."""
+    found = ref_count = cand_count = 0
+    for r, c in zip(ref, cand, strict=True):
+        for ref_map, cand_map in zip(r.reshape(-1, *r.shape[-2:]), c.reshape(-1, *c.shape[-2:]), strict=True):
+            sides = [map_boxes(m, spec.map_threshold, spec.min_pixels) for m in (ref_map, cand_map)]
+            detections = [(boxes, np.ones(len(boxes)), np.zeros(len(boxes))) for boxes in sides]
+            found += _match(detections[0], detections[1], spec.iou) + _match(
+                detections[1], detections[0], spec.iou
+            )
+            ref_count, cand_count = ref_count + len(sides[0]), cand_count + len(sides[1])
+    total = ref_count + cand_count
+    return (found / total if total else 1.0), {"reference_boxes": ref_count, "candidate_boxes": cand_count}
+
+
 def _score_ctc(ref: Outputs, cand: Outputs, spec: TaskSpec) -> tuple[float, dict[str, float]]:
     same = lines = errors = length = 0
     for r, c in zip(ref, cand, strict=True):
@@ -338,8 +378,9 @@ def _score_ctc(ref: Outputs, cand: Outputs, spec: TaskSpec) -> tuple[float, dict
 
 def _score_regression(ref: Outputs, cand: Outputs, pooled: bool) -> tuple[float, dict[str, float]]:
     """Mean cosine per sample (per pooled row for embeddings) and the largest absolute error. A
-    reference that is all zeros (an empty detection map) has no direction: the candidate scores 1
-    there when it stays within 1% of the typical reference norm of zero, else 0."""
+    reference that is (nearly) all zeros, such as the map of a page with no text, has no direction:
+    its cosine would be the noise's. Below `EMPTY_NORM` of the typical reference norm it counts as
+    empty, and the candidate scores 1 there when it stays within 1% of that typical norm, else 0."""
     rows_ref, rows_cand, max_abs = [], [], 0.0
     for r, c in zip(ref, cand, strict=True):
         if pooled and r.ndim == 3:
@@ -355,7 +396,7 @@ def _score_regression(ref: Outputs, cand: Outputs, pooled: bool) -> tuple[float,
     norms = np.linalg.norm(a, axis=-1)
     typical = float(np.median(norms[norms > 0])) if np.any(norms > 0) else 1.0
     cosines = _cosine_rows(a, b)
-    empty = norms == 0
+    empty = norms <= EMPTY_NORM * typical
     cosines[empty] = (np.linalg.norm(b[empty], axis=-1) <= 0.01 * typical).astype(np.float64)
     return float(np.mean(cosines)), {"max_abs_error": max_abs}
 
@@ -377,6 +418,8 @@ def score_output(
         value, details = _score_ctc(ref, cand, spec)
     elif spec.kind is TaskKind.DETECTION:
         value, details = _score_detection(ref, cand, spec)
+    elif spec.kind is TaskKind.BOXES:
+        value, details = _score_boxes(ref, cand, spec)
     else:
         value, details = _score_regression(ref, cand, pooled=spec.kind is TaskKind.EMBEDDING)
     return TaskScore(

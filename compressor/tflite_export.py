@@ -308,7 +308,10 @@ def _concat(g: _Graph, node: onnx.NodeProto) -> _Value:
 
 def _handlers() -> dict[str, Callable[[_Graph, onnx.NodeProto], _Value]]:
     """ONNX op type -> rebuild function (the registry of supported ops)."""
+    from compressor.tflite_ops import UPSAMPLING_HANDLERS
+
     return {
+        **UPSAMPLING_HANDLERS,
         "Conv": _conv,
         "Gemm": _gemm,
         "MatMul": _matmul,

@@ -129,7 +129,7 @@ def test_embeddings_are_judged_by_pooled_cosine_and_maps_by_cosine_and_max_error
 
 def test_task_option_and_errors() -> None:
     assert parse_task_option("logits=ctc:0.98") == ("logits", TaskSpec(TaskKind.CTC, min_score=0.98))
-    for bad in ("logits", "logits=boxes", "=ctc", "logits=ctc:high"):
+    for bad in ("logits", "logits=bboxes", "=ctc", "logits=ctc:high"):
         with pytest.raises(UsageError, match="--task"):
             parse_task_option(bad)
 
@@ -319,3 +319,36 @@ def test_an_empty_reference_map_counts_as_kept_when_the_candidate_stays_empty() 
         fidelity([[m] for m in maps], [[m] for m in quiet], names=["map"], tasks=spec).tasks[0].value == 1.0
     )
     assert fidelity([[m] for m in maps], [[m] for m in loud], names=["map"], tasks=spec).tasks[0].value == 0.5
+
+
+def test_a_nearly_empty_reference_map_is_not_judged_by_the_cosine_of_its_noise() -> None:
+    """PP-OCR det on a page without text gives a map of ~1e-7 everywhere: int8 noise there made the
+    cosine 0.29-0.49 and alone refused the detector (issue 13, the det regression)."""
+    rng = np.random.default_rng(0)
+    page = np.zeros((1, 1, 32, 32), np.float32)
+    page[0, 0, 10:14, 4:28] = 0.9
+    silent = np.abs(rng.normal(0, 1e-7, page.shape)).astype(np.float32)
+    noisy = np.abs(rng.normal(0, 1e-7, page.shape)).astype(np.float32)
+    spec = TaskConfig(specs={"map": TaskSpec(TaskKind.REGRESSION)})
+    score = fidelity([[page], [silent]], [[page], [noisy]], names=["map"], tasks=spec).tasks[0].value
+    assert score == pytest.approx(1.0)
+    lit = noisy + 0.2  # text appearing on the empty page is still a loss
+    assert fidelity([[page], [silent]], [[page], [lit]], names=["map"], tasks=spec).tasks[
+        0
+    ].value == pytest.approx(0.5)
+
+
+def test_text_maps_can_be_judged_by_the_boxes_a_db_detector_would_find() -> None:
+    """`--task map=boxes`: regions above 0.3 become boxes, matched by IoU (both sides' boxes count)."""
+    page = np.zeros((1, 1, 40, 60), np.float32)
+    page[0, 0, 5:12, 5:40] = 0.9  # a text line
+    page[0, 0, 25:31, 10:30] = 0.8  # another
+    faint = page.copy()
+    faint[0, 0, 25:31, 10:30] = 0.2  # the second line fades below the threshold: lost
+    blurred = page * 0.95 + 0.01  # both lines kept, the map's values move
+    name, spec = parse_task_option("map=boxes")
+    tasks = TaskConfig(specs={name: spec})
+    kept = fidelity([[page]], [[blurred]], names=["map"], tasks=tasks).tasks[0]
+    lost = fidelity([[page]], [[faint]], names=["map"], tasks=tasks).tasks[0]
+    assert (kept.metric, kept.value, kept.details["reference_boxes"]) == ("boxes matched", 1.0, 2)
+    assert lost.value == pytest.approx(2 / 3) and lost.details["candidate_boxes"] == 1

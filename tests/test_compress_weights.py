@@ -218,8 +218,7 @@ def test_int4_storage_goes_beyond_4x_where_the_task_metric_allows(tmp_path: Path
         path,
         PROFILE,
         _ids(16, 3),
-        validation=_ids(40, 4),
-        pass_options={"int8": {"int4": True}},  # opt-in: see Int8Options.int4
+        validation=_ids(80, 4),  # 40 selection samples: 4-bit is tried from 30 (Int8Options)
         log=lambda line: None,
         workdir=tmp_path,
     )

@@ -1,6 +1,6 @@
 """Benchmark: fp32 vs ONNX Runtime `quantize_static` defaults vs our compressor, on real models.
 
-Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec,vad]
+Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec,vad,minilm]
 
 Every candidate is timed interleaved with its fp32 model in this process (batch 1, one intra-op
 thread) and judged on held-out samples the compressor never saw (it gets a separate tuning split).
@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from compressor.tasks import TaskKind, TaskSpec, score_output
 from tools import zoo
 
 __all__ = ["MODELS", "Candidate", "Row", "Task", "build_task", "host_description", "main"]
 
 Feed = dict[str, np.ndarray]
-MODELS = ("digits", "cls", "det", "rec", "vad")
+MODELS = ("digits", "cls", "det", "rec", "vad", "minilm")
 DET_THRESHOLD = 0.3
 # (calibration, tuning, evaluation) sample counts, full and --quick.
 _SPLITS = {
@@ -37,6 +38,7 @@ _SPLITS = {
     "det": ((32, 40, 60), (8, 12, 20)),
     "rec": ((64, 100, 300), (16, 40, 80)),
     "vad": ((240, 240, 600), (120, 120, 300)),
+    "minilm": ((64, 100, 200), (16, 40, 80)),
 }
 
 
@@ -47,6 +49,7 @@ class Kind(StrEnum):
     DETECTOR = "detector"
     RECOGNIZER = "recognizer"
     DECISION = "decision"
+    ENCODER = "encoder"
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,6 +164,17 @@ def build_task(name: str, quick: bool, workdir: Path) -> Task:
             evaluation,
             labels=voiced,
             tasks=("output=decision:0.98",),
+        )
+    if name == "minilm":
+        from tools.zoo_minilm import minilm_feeds, minilm_model
+
+        return Task(
+            name,
+            minilm_model(),
+            Kind.ENCODER,
+            minilm_feeds(n_cal, seed=501),
+            minilm_feeds(n_tune, seed=502),
+            minilm_feeds(n_eval, seed=503),
         )
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
@@ -331,7 +345,13 @@ def quality(task: Task, reference: list[np.ndarray], outputs: list[np.ndarray]) 
         ref_mask = np.stack(reference) > DET_THRESHOLD
         mask = np.stack(outputs) > DET_THRESHOLD
         iou = np.sum(ref_mask & mask) / max(1, np.sum(ref_mask | mask))
-        return "-", f"map cosine {cosine:.4f}, mask IoU@{DET_THRESHOLD} {iou:.3f}"
+        boxes = score_output("map", reference, outputs, TaskSpec(TaskKind.BOXES)).value
+        return "-", f"map cosine {cosine:.4f}, mask IoU@{DET_THRESHOLD} {iou:.3f}, boxes matched {boxes:.1%}"
+    if task.kind is Kind.ENCODER:  # sentence embedding: mean over the unmasked tokens
+        masks = [feed["attention_mask"][0].astype(bool) for feed in task.evaluation]
+        pooled = lambda outs: [o[0][m].mean(0) for o, m in zip(outs, masks, strict=True)]  # noqa: E731
+        cosine = np.mean([_cosine(r, o) for r, o in zip(pooled(reference), pooled(outputs), strict=True)])
+        return "-", f"sentence embedding cosine {cosine:.4f}"
     if task.kind is Kind.DECISION:
         decided = np.array([o.item() > 0.5 for o in outputs])
         same = np.mean(decided == np.array([r.item() > 0.5 for r in reference]))
@@ -383,7 +403,7 @@ def benchmark_model(task: Task, args: argparse.Namespace, workdir: Path) -> list
     candidates = [fp32_candidate, ort_defaults(task, workdir, preprocess=False)]
     if candidates[-1].model_bytes is None or _weights_in_constants(task.model_path):
         candidates.append(ort_defaults(task, workdir, preprocess=True))
-    if task.kind in (Kind.RECOGNIZER, Kind.DECISION):  # recurrent models: ORT's dynamic int8 too
+    if task.kind in (Kind.RECOGNIZER, Kind.DECISION, Kind.ENCODER):  # ORT's dynamic int8 too
         candidates.append(ort_dynamic(task, workdir))
     if not args.baseline_only:
         candidates.append(ours(task, args.profile, workdir, log))

@@ -3,18 +3,73 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader
 
-from compressor.measure import make_session
+from compressor.measure import Fidelity, make_session
 from compressor.passes.base import Samples
-from edge_runtime.config.profiles import DeviceProfile
+from edge_runtime.config.profiles import Budgets, DeviceProfile
 
-__all__ = ["COMPUTE_OPS", "node_macs", "quantizable_nodes", "smallest_passing", "sqnr", "tensor_values"]
+__all__ = [
+    "COMPUTE_OPS",
+    "CalibrationReader",
+    "Candidate",
+    "node_macs",
+    "quantizable_nodes",
+    "smallest_passing",
+    "sqnr",
+    "tensor_values",
+    "tightened",
+]
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass
+class Candidate:
+    """One measured configuration."""
+
+    label: str
+    int8_nodes: tuple[str, ...]
+    model: onnx.ModelProto
+    """The artifact: names shortened, ready to ship."""
+    named_model: onnx.ModelProto
+    """The same graph with the original tensor names (for per-tensor error measurement)."""
+    session: ort.InferenceSession
+    size: int
+    fidelity: Fidelity
+    outputs: list[list[np.ndarray]] = field(default_factory=list)
+    """Its outputs on the selection split."""
+    latency_ratio: float | None = None
+    """Median latency relative to the pass's input model, timed interleaved (None: never timed)."""
+    per_run: list[float] = field(default_factory=list)
+    """Latency ratio of each timing run (shared with the candidates timed beside it)."""
+
+    def row(self) -> dict[str, Any]:
+        """The candidate as one line of the report."""
+        return {
+            "label": self.label,
+            "int8_compute_nodes": len(self.int8_nodes),
+            "bytes": self.size,
+            "latency_ratio": self.latency_ratio,
+            **self.fidelity.to_dict(),
+        }
+
+
+class CalibrationReader(CalibrationDataReader):
+    """ORT calibration reader over a list of feeds."""
+
+    def __init__(self, samples: Samples) -> None:
+        self._iterator: Iterator[Any] = iter(samples)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return dict(next(self._iterator, None) or {}) or None
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -109,3 +164,13 @@ def sqnr(reference: list[np.ndarray] | None, noisy: list[np.ndarray] | None) -> 
     signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
     noise = sum(float(np.sum((r.astype(np.float64) - n) ** 2)) for r, n in zip(reference, noisy, strict=True))
     return math.inf if noise == 0 or signal == 0 else 10 * math.log10(signal / noise)
+
+
+def tightened(budgets: Budgets, share: float) -> Budgets:
+    """`budgets` with only `share` of their fidelity slack: a drop of share x the accuracy budget,
+    a cosine 1 - share x (1 - the cosine budget)."""
+    return replace(
+        budgets,
+        max_accuracy_drop_pp=budgets.max_accuracy_drop_pp * share,
+        min_output_cosine=1.0 - (1.0 - budgets.min_output_cosine) * share,
+    )

@@ -2,8 +2,11 @@
 
 ONNX Runtime's `quantize_static` does the rewriting; this pass decides *what* it rewrites:
 
-1. Every Conv/MatMul/Gemm weight is stored as int8 (see int8_weights.py). With all compute left
-   in float this "weight-only" candidate is ~4x smaller and exactly as fast as fp32: the fallback.
+1. Every Conv/MatMul/Gemm weight is stored as int8 (see int8_weights.py), rounded by GPTQ on the
+   calibration activations (rounding.py). With all compute left in float this "weight-only"
+   candidate is ~4x smaller and exactly as fast as fp32: the fallback. If it misses a budget, the
+   weights that do most damage alone (measured on the selection samples it hurts most) stay fp16.
+   Then as many weights as keep the task metrics within half the budgets' slack go to 4 bits.
 2. Int8 *compute* pays only where a node does enough work to amortize its Quantize/Dequantize
    pair. Candidates quantize the nodes above a multiply-accumulate threshold (all, top 50%, ...);
    element-wise ops (Add/Mul of squeeze-excite and hard-swish blocks) are never quantized.
@@ -20,16 +23,13 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
@@ -39,19 +39,23 @@ from onnxruntime.quantization import (
 
 from compressor.int4_weights import store_weights_int4
 from compressor.int8_weights import store_small_floats_fp16, store_weights_int8
-from compressor.measure import Fidelity, fidelity, make_session, meets_budgets, run_all, timed_ratios
+from compressor.measure import fidelity, make_session, meets_budgets, run_all, timed_ratios
 from compressor.onnx_model import shrink_names
 from compressor.passes._int8_search import (
     COMPUTE_OPS,
+    CalibrationReader,
+    Candidate,
     node_macs,
     quantizable_nodes,
     smallest_passing,
     sqnr,
     tensor_values,
+    tightened,
 )
-from compressor.passes.base import CompressionContext, PassResult, Samples
+from compressor.passes.base import CompressionContext, PassResult
+from compressor.rounding import Rounding
 from edge_runtime.config.profiles import QuantDtype
-from edge_runtime.core.errors import BudgetError
+from edge_runtime.core.errors import BudgetError, ModelError, UsageError
 
 __all__ = ["Int8Options", "Int8Quantization"]
 
@@ -60,6 +64,8 @@ ABSORBED_OPS = ("Relu", "Clip")
 DYNAMIC_OPS = ("MatMul", "LSTM", "GRU", "Attention")
 """Ops ONNX Runtime's dynamic quantization computes in int8 (activations quantized at run time)."""
 MAC_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
+PROBE_SAMPLES = 4
+"""Selection samples each weight's damage is measured on (one session per weight and sample)."""
 """Candidate int8 sets: the nodes holding this share of the heaviest MACs."""
 
 
@@ -76,49 +82,20 @@ class Int8Options:
     allow_int8_compute: bool = True
     dynamic: bool = True
     """Also measure ONNX Runtime's dynamic int8 (per-channel) on transformer and recurrent models."""
-    int4: bool = False
-    """Store at 4 bits the weights whose 4-bit storage keeps the task metrics within budget on the
-    selection split. Off by default: on the real classifier the selection split (50 samples) let
-    through a model that lost 3 pp on the report split; it wants error-compensating rounding."""
-
-
-@dataclass
-class Candidate:
-    """One measured configuration."""
-
-    label: str
-    int8_nodes: tuple[str, ...]
-    model: onnx.ModelProto
-    """The artifact: names shortened, ready to ship."""
-    named_model: onnx.ModelProto
-    """The same graph with the original tensor names (for per-tensor error measurement)."""
-    session: ort.InferenceSession
-    size: int
-    fidelity: Fidelity
-    latency_ratio: float | None = None
-    """Median latency relative to the pass's input model, timed interleaved (None: never timed)."""
-    per_run: list[float] = field(default_factory=list)
-    """Latency ratio of each timing run (shared with the candidates timed beside it)."""
-
-    def row(self) -> dict[str, Any]:
-        """The candidate as one line of the report."""
-        return {
-            "label": self.label,
-            "int8_compute_nodes": len(self.int8_nodes),
-            "bytes": self.size,
-            "latency_ratio": self.latency_ratio,
-            **self.fidelity.to_dict(),
-        }
-
-
-class _Reader(CalibrationDataReader):
-    """ORT calibration reader over a list of feeds."""
-
-    def __init__(self, samples: Samples) -> None:
-        self._iterator: Iterator[Any] = iter(samples)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return dict(next(self._iterator, None) or {}) or None
+    rounding: str = "gptq"
+    """How weights are rounded to int8/int4: "gptq" (error-compensating, on the calibration
+    activations) or "nearest"."""
+    rounding_samples: int = 16
+    """Calibration samples whose layer inputs make GPTQ's Hessians."""
+    int4: bool = True
+    """Store at 4 bits (GPTQ-rounded) the weights whose 4-bit storage keeps the task metrics within
+    `int4_margin` of the budgets on the selection split; the most sensitive stay int8."""
+    int4_min_samples: int = 30
+    """4-bit storage is tried only on a selection split of at least this many samples: on fewer,
+    one sample moves a share by more than the budget, and 4-bit damage passes unseen."""
+    int4_margin: float = 0.5
+    """Share of each budget's slack (accuracy drop, 1 - cosine) a 4-bit candidate may use on the
+    selection split, so that the report split, which it never saw, still meets the full budget."""
 
 
 class Int8Quantization:
@@ -179,11 +156,20 @@ class _Search:
         """Weights stored at 4 bits (their damage measured within budget)."""
         self.float_weights: frozenset[str] = frozenset()
         """Weights kept float because int8 storage of them cost too much fidelity."""
+        self.rounding: Rounding | None = None
+        if options.rounding == "gptq":
+            samples = list(ctx.calibration[: options.rounding_samples])
+            self.rounding = Rounding.measured(model, samples, ctx.profile, ctx.seed)
+        elif options.rounding != "nearest":
+            raise UsageError(f"int8 option rounding={options.rounding!r}: choose gptq or nearest")
+        self.probe: list[int] = list(range(min(PROBE_SAMPLES, len(ctx.validation))))
+        """Selection samples on which each weight's damage is measured: those int8 hurts most."""
 
     def run(self) -> tuple[Candidate, list[dict[str, Any]], str]:
         """Measure the candidates and choose one; rows are every candidate measured, once each."""
         log = self.ctx.log
         weight_only = self.evaluate("weight-only int8", ())
+        self.probe = self.hardest_samples(weight_only)
         self.time([weight_only])
         ok, why = meets_budgets(weight_only.fidelity, self.reference_fidelity, self.ctx.profile.budgets)
         log(
@@ -230,18 +216,36 @@ class _Search:
         eligible = store_weights_int4(self.model, only=frozenset(stored.names))[1].names
         if not (self.options.int4 and eligible):
             return storage
-        probe, reference = list(self.ctx.validation[:4]), self.reference[:4]
+        if len(self.ctx.validation) < self.options.int4_min_samples:
+            self.ctx.log(
+                f"  4-bit weights not tried: {len(self.ctx.validation)} selection samples, "
+                f"fewer than {self.options.int4_min_samples} (give more --validation data)"
+            )
+            return storage
+        probe, reference = self.probe_feeds()
         damage = {}
         for name in eligible:
-            single, _ = store_weights_int4(self.model, only=frozenset({name}))
-            outputs = run_all(make_session(single.SerializeToString(), self.ctx.profile), probe)
+            single, _ = store_weights_int4(self.model, only=frozenset({name}), rounding=self.rounding)
+            try:
+                outputs = run_all(make_session(single.SerializeToString(), self.ctx.profile), probe)
+            except ModelError as exc:  # an ORT graph optimizer that trips over the rebuild nodes
+                self.ctx.log(f"  {name} stays int8: its 4-bit rebuild does not load ({exc})"[:200])
+                continue
             damage[name] = 1.0 - fidelity(reference, outputs).cosine
-        ranking = sorted(eligible, key=lambda name: (-damage[name], name))  # most damaging first
-        budgets, trials = self.ctx.profile.budgets, dict[int, Candidate]()
+        ranking = sorted(damage, key=lambda name: (-damage[name], name))  # most damaging first
+        if not ranking:
+            return storage
+        budgets, trials = (
+            tightened(self.ctx.profile.budgets, self.options.int4_margin),
+            dict[int, Candidate](),
+        )
 
         def passes(kept: int) -> bool:
             self.int4_weights = frozenset(ranking[kept:])
-            trial = trials[kept] = self.evaluate(f"int4 weights, {kept} most sensitive int8", ())
+            try:
+                trial = trials[kept] = self.evaluate(f"int4 weights, {kept} most sensitive int8", ())
+            except ModelError:
+                return False
             self.record(trial)
             return meets_budgets(trial.fidelity, self.reference_fidelity, budgets)[0]
 
@@ -260,11 +264,10 @@ class _Search:
         """Keep float (fp16-stored) the fewest weights whose int8 storage costs most fidelity, so the
         budgets are met: weights ranked by the damage each does alone, then the count searched."""
         _, storage = store_weights_int8(self.model)
-        probe = list(self.ctx.validation[:4])
-        reference = self.reference[: len(probe)]
+        probe, reference = self.probe_feeds()
         damage = {}
         for name in storage.names:
-            single, _ = store_weights_int8(self.model, only=frozenset({name}))
+            single, _ = store_weights_int8(self.model, only=frozenset({name}), rounding=self.rounding)
             outputs = run_all(make_session(single.SerializeToString(), self.ctx.profile), probe)
             damage[name] = 1.0 - fidelity(reference, outputs).cosine
         ranking = sorted(storage.names, key=lambda name: (-damage[name], name))
@@ -356,8 +359,23 @@ class _Search:
         model = shrink_names(named)
         model_bytes = model.SerializeToString()
         session = make_session(model_bytes, self.ctx.profile)
-        result = self.ctx.fidelity(self.reference, run_all(session, self.ctx.validation))
-        return Candidate(label, int8_nodes, model, named, session, len(model_bytes), result)
+        outputs = run_all(session, self.ctx.validation)
+        result = self.ctx.fidelity(self.reference, outputs)
+        return Candidate(label, int8_nodes, model, named, session, len(model_bytes), result, outputs)
+
+    def hardest_samples(self, candidate: Candidate) -> list[int]:
+        """The PROBE_SAMPLES selection samples on which `candidate` scores worst (its lowest task
+        score on each sample alone): where a weight's damage shows, so that ranking sees it."""
+        scores = []
+        for index, (reference, outputs) in enumerate(zip(self.reference, candidate.outputs, strict=True)):
+            single = self.ctx.fidelity([reference], [outputs], labels=False)
+            scores.append((min((s.value for s in single.tasks), default=1.0), index))
+        return sorted(index for _, index in sorted(scores)[:PROBE_SAMPLES])
+
+    def probe_feeds(self) -> tuple[list[dict[str, np.ndarray]], list[list[np.ndarray]]]:
+        """The probe samples and the reference outputs on them."""
+        feeds = [dict(self.ctx.validation[i]) for i in self.probe]
+        return feeds, [self.reference[i] for i in self.probe]
 
     def dynamic_nodes(self) -> tuple[str, ...]:
         """MatMul/LSTM/GRU/Attention nodes ORT's dynamic int8 would quantize (sensitive weights excluded),
@@ -386,7 +404,9 @@ class _Search:
             weight_type=QuantType.QInt8,
             extra_options={"MatMulConstBOnly": True},
         )
-        model, _ = store_weights_int8(onnx.load_model(str(output)), skip=self.float_weights)
+        model, _ = store_weights_int8(
+            onnx.load_model(str(output)), skip=self.float_weights, rounding=self.rounding
+        )
         model, _ = store_small_floats_fp16(model)
         return model
 
@@ -414,8 +434,8 @@ class _Search:
         model = self.model
         if int8_nodes:
             model = self.quantize(int8_nodes)
-        model, _ = store_weights_int4(model, only=self.int4_weights)
-        model, _ = store_weights_int8(model, skip=self.float_weights)
+        model, _ = store_weights_int4(model, only=self.int4_weights, rounding=self.rounding)
+        model, _ = store_weights_int8(model, skip=self.float_weights, rounding=self.rounding)
         model, _ = store_small_floats_fp16(model)
         return model
 
@@ -429,7 +449,7 @@ class _Search:
             quantize_static(
                 str(self.model_path),
                 str(output),
-                _Reader(calibration),
+                CalibrationReader(calibration),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=[*COMPUTE_OPS, *ABSORBED_OPS],
                 nodes_to_quantize=self.all_nodes_with_absorbed(),
