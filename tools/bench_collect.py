@@ -174,7 +174,9 @@ def scenario(kind: str, collectors: int, args: argparse.Namespace, postgres: Pos
         target=_publish, args=(broker.port, args.devices, args.records, go, published)
     )
     publisher.start()
-    time.sleep(3.0)  # collectors connected and subscribed, publishers connected
+    time.sleep(
+        float(os.environ.get("BENCH_SETTLE_S", "3.0"))
+    )  # collectors connected and subscribed, publishers connected
     if args.mode == "backlog":
         _stop(processes)
         raw.away()

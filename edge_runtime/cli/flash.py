@@ -62,9 +62,10 @@ class _Progress:
                 click.echo(f"{lead}{where} {state}{reason}")
 
 
-def _probation(
+def probation_rules(
     seconds: float | None, error_rate: float, p95_ms: float | None, min_requests: int
 ) -> Probation | None:
+    """The offer's probation from the command-line options (None without --probation)."""
     if seconds is None:
         if p95_ms is not None or error_rate < 1.0:
             raise UsageError("--max-error-rate and --max-p95-ms need --probation SECONDS")
@@ -116,7 +117,7 @@ def flash(
     broker.link("check")  # bad TLS files or password file: refused here, before any work
     raw = bundle.read_bytes()
     name = bundle_identity(raw)[0]  # not a signed bundle: refused here, before any device is bothered
-    rules = _probation(probation, max_error_rate, max_p95_ms, min_requests)
+    rules = probation_rules(probation, max_error_rate, max_p95_ms, min_requests)
 
     def planner(device: str) -> Any:
         def plan() -> Prepared:

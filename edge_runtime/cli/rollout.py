@@ -13,9 +13,10 @@ from pathlib import Path
 import click
 
 from edge_runtime.cli.broker_options import broker_options
+from edge_runtime.cli.flash import probation_rules
 from edge_runtime.client.broker import Broker
 from edge_runtime.client.flash import DEFAULT_BLOCK_SIZE, bundle_identity
-from edge_runtime.codecs.update_payloads import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, Probation
+from edge_runtime.codecs.update_payloads import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from edge_runtime.core.errors import UpdateError, UsageError
 from edge_runtime.core.topic_names import check_level
 from edge_runtime.fleet.devices import fleet_snapshot
@@ -51,16 +52,6 @@ def _group(broker: Broker, group: str) -> list[str]:
             f"no device declares group '{group}' (edgectl devices --group {group} shows the same)"
         )
     return devices
-
-
-def _probation(
-    seconds: float | None, error_rate: float, p95_ms: float | None, min_requests: int
-) -> Probation | None:
-    if seconds is None:
-        if p95_ms is not None or error_rate < 1.0:
-            raise UsageError("--max-error-rate and --max-p95-ms need --probation SECONDS")
-        return None
-    return Probation(seconds=seconds, max_error_rate=error_rate, max_p95_ms=p95_ms, min_requests=min_requests)
 
 
 @click.command()
@@ -112,7 +103,7 @@ def rollout(
         devices = _group(broker, group)
     options = RolloutOptions(canary=canary, wave_size=wave_size, max_parallel=max_parallel,
                              max_failures=max_failures, rollback_on_stop=rollback_on_stop,
-                             probation=_probation(probation, max_error_rate, max_p95_ms, min_requests),
+                             probation=probation_rules(probation, max_error_rate, max_p95_ms, min_requests),
                              timeout=timeout, block_size=block_size)  # fmt: skip
     job = Rollout(broker, raw, devices, state_path, options, progress=click.echo)
     planned = job.journal.devices
