@@ -265,3 +265,47 @@ def test_mqtt_311_collectors_share_on_mosquitto_and_a_returning_one_gets_its_que
     assert all(s.stored > 0 for s in stats), [s.line() for s in stats]
     for store in stores:
         store.close()
+
+
+class _SlowStore:
+    """A real store whose writes take a while (a database falling behind), so the link's queue fills."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, records: list) -> int:
+        import time
+
+        time.sleep(0.05)
+        return self.store.add(records)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+
+def test_messages_refused_while_busy_are_got_again_and_stored(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    # A broker may send more than the Receive Maximum; what the link cannot queue is refused "busy"
+    # and left unacknowledged, and MQTT re-sends it only on a new connection: the collector
+    # reconnects once its backlog is stored. (Before: those records were lost and, with enough of
+    # them, the broker's in-flight window filled and the collector stalled for good.)
+    store = open_db(str(tmp_path / "fleet.sqlite"))
+    first = _collector(mosquitto, store, "collector-busy")
+    first.stop()
+    devices = _devices(mosquitto, tmp_path)
+    try:
+        for device in devices:
+            device.tick(30)
+        eventually(lambda: all(device.drained() for device in devices), timeout=60, what="outboxes drained")
+        back = _collector(mosquitto, _SlowStore(store), "collector-busy", queue_messages=2, batch=4)  # type: ignore[arg-type]
+        eventually(lambda: store.count("telemetry") >= DEVICES * 30, timeout=120, what="every record stored")
+        assert back.flush(15)
+    finally:
+        for device in devices:
+            device.stop()
+    stats = back.stop()
+    assert stats.refused_busy > 0 and stats.reconnects >= 1, stats.line()
+    assert {(device, key) for device, key, _ in _outbox_records(str(tmp_path / "fleet.sqlite"))} == _expected(
+        devices
+    )
+    assert stats.bad == 0
+    store.close()

@@ -120,7 +120,7 @@ def _collectors(port: int, url: str, count: int, log: Path) -> list[subprocess.P
         for index in range(count):
             command = [sys.executable, "-m", "edge_runtime.cli", "telemetry", "collect", "--broker",
                        f"127.0.0.1:{port}", "--db", url, "--client-id", f"bench-collector-{index}",
-                       "--stats-every", "0", *share]  # fmt: skip
+                       "--stats-every", os.environ.get("BENCH_STATS_S", "0"), *share]  # fmt: skip
             processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr))
     return processes
 

@@ -386,6 +386,13 @@ class MqttLink:
             return
         session.client.ack(message.mid, message.qos)
 
+    def reconnect(self, why: str) -> None:
+        """Replace the connection (new client, same subscriptions): a persistent session then gets
+        every message it has not acknowledged sent again (MQTT re-sends only on a new connection)."""
+        session = self._session
+        log.warning("%s; reconnecting", why)
+        self._replace(session, session.protocol, why)
+
     def _run_session(self, session: Session) -> None:
         session.thread = threading.Thread(
             target=self._network, args=(session,), name=f"mqtt-net-{session.number}", daemon=True
