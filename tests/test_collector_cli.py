@@ -53,7 +53,8 @@ def test_a_collector_killed_mid_stream_loses_nothing_and_sigterm_exits_0_with_co
     devices = [SimDevice(f"gw{index}", broker.port, tmp_path) for index in range(2)]
     second = None
     try:
-        eventually(lambda: "collecting" in log.read_text(), what="the collector started")
+        # Subscribed, not just started: records published before that are no subscriber's.
+        eventually(lambda: "subscribed; storing" in log.read_text(), what="the collector subscribed")
         for device in devices:
             device.start()
             device.tick(5)

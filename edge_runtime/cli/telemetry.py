@@ -9,12 +9,16 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
 from edge_runtime.cli.broker_options import broker_options
 from edge_runtime.client.broker import Broker
 from edge_runtime.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from edge_runtime.fleet.collector import Collector
 
 __all__ = ["telemetry"]
 
@@ -68,6 +72,7 @@ def collect(
                err=True)  # fmt: skip
     collector.start()
     try:
+        _wait_subscribed(collector, stop)
         started = time.monotonic()
         while not stop.wait(stats_every or None):
             elapsed = time.monotonic() - started
@@ -79,6 +84,18 @@ def collect(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     click.echo(f"collector stopped: {stats.line()}")
+
+
+def _wait_subscribed(collector: Collector, stop: threading.Event) -> None:
+    """Say when the subscriptions are in place (what was published before is not ours to store),
+    retrying while the broker is away; a refusal (TLS, credentials) is one line and exit 1."""
+    while not stop.is_set():
+        if collector.wait_connected(1.0):
+            click.echo("collector: subscribed; storing", err=True)
+            return
+        refusal = collector.link.refusal()
+        if refusal is not None:
+            raise UsageError(refusal)
 
 
 @telemetry.command()
