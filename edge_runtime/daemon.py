@@ -118,13 +118,8 @@ class Daemon:
 
     def dead_components(self, timeout: float = 1.0) -> list[str]:
         """The started components that do not answer now: http, mqtt, outbox-sender, telemetry."""
-        http, link, sender, telemetry, facts = (
-            self.http,
-            self.link,
-            self.sender,
-            self.telemetry,
-            self.facts_publisher,
-        )
+        http, link, sender, telemetry = self.http, self.link, self.sender, self.telemetry
+        facts = self.facts_publisher
         checks: dict[str, Callable[[], bool]] = {}
         if http is not None:
             checks["http"] = lambda: http.responsive(timeout)
@@ -305,15 +300,14 @@ class Daemon:
             outbox_stats=sender.stats,
         )
         self._start_updates(link)
-        self._start_facts(link)
+        facts = self._facts_publisher(link)
         link.start()
         sender.start()
         self.telemetry.start()
-        assert self.facts_publisher is not None
-        self.facts_publisher.start()
+        facts.start()
 
-    def _start_facts(self, link: MqttLink) -> None:
-        """The retained facts record, published after every connect and on every change."""
+    def _facts_publisher(self, link: MqttLink) -> FactsPublisher:
+        """The retained facts record, published after every connect and on every change (not started)."""
         from edge_runtime.telemetry.facts import FactsPublisher
 
         topic = self.topics.facts
@@ -323,6 +317,7 @@ class Daemon:
             epoch=lambda: link.connection_epoch if link.connected else None,
         )  # fmt: skip
         link.add_connection_listener(lambda up: facts.notify() if up else None)
+        return facts
 
     def _start_updates(self, link: MqttLink) -> None:
         """The model-update service on the update topics; unfinished jobs in its journal resume."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 import click
@@ -80,6 +81,9 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
+        # Our libraries' log lines (an MQTT link's reconnect WARNINGs, say) are not a command's
+        # output: its error is one line. `serve` and `telemetry collect` configure logging to show them.
+        logging.getLogger("edge_runtime").addHandler(logging.NullHandler())
         try:
             return super().invoke(ctx)
         except EdgeError as exc:
