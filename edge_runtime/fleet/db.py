@@ -25,7 +25,16 @@ from typing import Any, Protocol
 from edge_runtime.core.errors import TransientError, UsageError
 from edge_runtime.fleet.records import Record
 
-__all__ = ["RECORD_COLUMNS", "SAMPLE_COLUMNS", "DeviceRow", "SampleRow", "Store", "StoreError", "open_db"]
+__all__ = [
+    "RECORD_COLUMNS",
+    "SAMPLE_COLUMNS",
+    "DeviceRow",
+    "QueryStore",
+    "SampleRow",
+    "Store",
+    "StoreError",
+    "open_db",
+]
 
 RECORD_COLUMNS = (
     "device",
@@ -138,6 +147,31 @@ def samples_query(placeholder: str, device: str | None) -> str:
 def devices_query(placeholder: str, device: str | None) -> str:
     """The per-device query for a driver's placeholder style."""
     return DEVICES_SQL.format(where=f"WHERE device = {placeholder}" if device else "")
+
+
+class QueryStore:
+    """The read side both stores share: the same queries, each driver's placeholder and `_rows`."""
+
+    placeholder = "?"
+
+    def _rows(self, query: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def count(self, kind: str | None = None) -> int:
+        """Records stored (of `kind`, or all)."""
+        if kind is None:
+            return int(self._rows("SELECT COUNT(*) FROM records", ())[0][0])
+        return int(self._rows(f"SELECT COUNT(*) FROM records WHERE kind = {self.placeholder}", (kind,))[0][0])
+
+    def samples(self, since: float, device: str | None = None) -> list[SampleRow]:
+        """Telemetry samples at or after `since`, by device, model and time."""
+        args = (since, device) if device else (since,)
+        return [SampleRow(*row) for row in self._rows(samples_query(self.placeholder, device), args)]
+
+    def devices(self, device: str | None = None) -> list[DeviceRow]:
+        """Every device with a record (or `device`), by id."""
+        query = devices_query(self.placeholder, device)
+        return [DeviceRow(*row) for row in self._rows(query, (device,) if device else ())]
 
 
 def open_db(url: str) -> Store:

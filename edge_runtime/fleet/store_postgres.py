@@ -16,12 +16,9 @@ from edge_runtime.core.errors import UsageError
 from edge_runtime.fleet.db import (
     RECORD_COLUMNS,
     SAMPLE_COLUMNS,
-    DeviceRow,
-    SampleRow,
+    QueryStore,
     StoreError,
-    devices_query,
     record_rows,
-    samples_query,
 )
 from edge_runtime.fleet.records import Record
 
@@ -66,8 +63,10 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
-class PostgresStore:
+class PostgresStore(QueryStore):
     """Fleet records in a PostgreSQL database (tables created on first use)."""
+
+    placeholder = "%s"
 
     def __init__(self, url: str) -> None:
         if psycopg is None:
@@ -113,23 +112,6 @@ class PostgresStore:
                 return list(tx.connection.execute(query, args).fetchall())
         except psycopg.Error as exc:
             raise StoreError(f"cannot read the PostgreSQL store {self.url}: {_brief(exc)}") from exc
-
-    def count(self, kind: str | None = None) -> int:
-        """Records stored (of `kind`, or all)."""
-        if kind is None:
-            return int(self._rows("SELECT COUNT(*) FROM records", ())[0][0])
-        return int(self._rows("SELECT COUNT(*) FROM records WHERE kind = %s", (kind,))[0][0])
-
-    def samples(self, since: float, device: str | None = None) -> list[SampleRow]:
-        """Telemetry samples at or after `since`, by device, model and time."""
-        args = (since, device) if device else (since,)
-        return [SampleRow(*row) for row in self._rows(samples_query("%s", device), args)]
-
-    def devices(self, device: str | None = None) -> list[DeviceRow]:
-        """Every device with a record (or `device`), by id."""
-        return [
-            DeviceRow(*row) for row in self._rows(devices_query("%s", device), (device,) if device else ())
-        ]
 
     def close(self) -> None:
         """Close the connection."""

@@ -15,12 +15,9 @@ from typing import Any
 from edge_runtime.fleet.db import (
     RECORD_COLUMNS,
     SAMPLE_COLUMNS,
-    DeviceRow,
-    SampleRow,
+    QueryStore,
     StoreError,
-    devices_query,
     record_rows,
-    samples_query,
 )
 from edge_runtime.fleet.records import Record
 
@@ -51,7 +48,7 @@ _INSERT_RECORD = _insert("records", RECORD_COLUMNS)
 _INSERT_SAMPLE = _insert("samples", SAMPLE_COLUMNS)
 
 
-class SqliteStore:
+class SqliteStore(QueryStore):
     """Fleet records in one SQLite file (created with its folder's permissions)."""
 
     def __init__(self, path: str) -> None:
@@ -93,23 +90,6 @@ class SqliteStore:
                 return self._db.execute(query, args).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the SQLite store {self.url}: {exc}") from exc
-
-    def count(self, kind: str | None = None) -> int:
-        """Records stored (of `kind`, or all)."""
-        if kind is None:
-            return int(self._rows("SELECT COUNT(*) FROM records", ())[0][0])
-        return int(self._rows("SELECT COUNT(*) FROM records WHERE kind = ?", (kind,))[0][0])
-
-    def samples(self, since: float, device: str | None = None) -> list[SampleRow]:
-        """Telemetry samples at or after `since`, by device, model and time."""
-        args = (since, device) if device else (since,)
-        return [SampleRow(*row) for row in self._rows(samples_query("?", device), args)]
-
-    def devices(self, device: str | None = None) -> list[DeviceRow]:
-        """Every device with a record (or `device`), by id."""
-        return [
-            DeviceRow(*row) for row in self._rows(devices_query("?", device), (device,) if device else ())
-        ]
 
     def close(self) -> None:
         """Close the file."""
