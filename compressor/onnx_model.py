@@ -13,6 +13,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from compressor.transformer_fusion import fuse_transformer
 from edge_runtime.core.errors import ModelError
 from edge_runtime.core.types import TensorSpec
 
@@ -219,14 +220,22 @@ def preprocess(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelProto, 
         model = upgrade_opset(model)
         notes.append(f"opset upgraded from {opset} to {MIN_QDQ_OPSET}")
     model = name_unnamed_nodes(model)
+    # ORT's basic optimizations turn a transformer's MatMul + Add into Reshape/Gemm/Reshape, which
+    # hides the attention and feed-forward patterns its transformer fusion and dynamic int8 need (and
+    # it re-applies them at load time anyway): a transformer skips them.
+    skip = fuse_transformer(model) is not None
+    if skip:
+        notes.append(
+            "a transformer: ORT's offline graph optimizations skipped (its transformer fusion is tried instead)"
+        )
     source, target = Path(workdir) / "prep_in.onnx", Path(workdir) / "prep_out.onnx"
     onnx.save_model(model, str(source))
     try:
         with contextlib.chdir(workdir):  # ORT drops a sym_shape_infer_temp.onnx into the cwd on failure
-            quant_pre_process(str(source), str(target))
+            quant_pre_process(str(source), str(target), skip_optimization=skip)
     except Exception:  # symbolic shape inference trips over many real exporters' graphs
         try:
-            quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+            quant_pre_process(str(source), str(target), skip_optimization=skip, skip_symbolic_shape=True)
             notes.append("symbolic shape inference failed; used ONNX shape inference only")
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot optimize this model for quantization: {exc}") from exc

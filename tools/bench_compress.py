@@ -150,6 +150,7 @@ def build_task(name: str, quick: bool, workdir: Path) -> Task:
             zoo.recognition_dataset(n_tune, seed=302),
             evaluation,
             texts=texts,
+            tasks=("softmax_11.tmp_0=ctc:0.98",),  # the issue's bar: >= 98% of lines read as fp32 reads them
         )
     if name == "vad":
         from tools.zoo_vad import vad_feeds, vad_model
@@ -239,19 +240,27 @@ def ort_defaults(task: Task, workdir: Path, *, preprocess: bool) -> Candidate:
     return Candidate(variant, out.read_bytes(), seconds=time.perf_counter() - started)
 
 
-def ort_dynamic(task: Task, workdir: Path) -> Candidate:
-    """`quantize_dynamic(model, out, per_channel=True)`: ORT's int8 for transformers and RNNs."""
+def ort_dynamic(task: Task, workdir: Path, *, by_hand: bool = False) -> Candidate:
+    """`quantize_dynamic(model, out, per_channel=True)`: ORT's int8 for transformers and RNNs. `by_hand`
+    first moves Constant-node weights to initializers, as a user who read the warnings would (the
+    MEASURED.md anchor for encoders), since ORT's quantizer only quantizes initializers."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out, started = workdir / f"{task.name}.dyn.onnx", time.perf_counter()
+    variant = "ORT quantize_dynamic per-channel" + (", weights moved to initializers" if by_hand else "")
+    source, out, started = task.model_path, workdir / f"{task.name}.dyn.onnx", time.perf_counter()
     try:
+        if by_hand:
+            import onnx
+
+            from compressor.onnx_model import constants_to_initializers
+
+            source = workdir / f"{task.name}.init.onnx"
+            onnx.save_model(constants_to_initializers(onnx.load(str(task.model_path))), str(source))
         with contextlib.chdir(workdir):
-            quantize_dynamic(str(task.model_path), str(out), per_channel=True, weight_type=QuantType.QInt8)
+            quantize_dynamic(str(source), str(out), per_channel=True, weight_type=QuantType.QInt8)
     except Exception as exc:  # ORT raises many unrelated types; the reason is what we report
-        return Candidate("ORT quantize_dynamic per-channel", None, failure=f"fails: {_short(exc)}")
-    return Candidate(
-        "ORT quantize_dynamic per-channel", out.read_bytes(), seconds=time.perf_counter() - started
-    )
+        return Candidate(variant, None, failure=f"fails: {_short(exc)}")
+    return Candidate(variant, out.read_bytes(), seconds=time.perf_counter() - started)
 
 
 def _weights_in_constants(path: Path) -> bool:
@@ -405,6 +414,8 @@ def benchmark_model(task: Task, args: argparse.Namespace, workdir: Path) -> list
         candidates.append(ort_defaults(task, workdir, preprocess=True))
     if task.kind in (Kind.RECOGNIZER, Kind.DECISION, Kind.ENCODER):  # ORT's dynamic int8 too
         candidates.append(ort_dynamic(task, workdir))
+        if task.kind is Kind.ENCODER and _weights_in_constants(task.model_path):
+            candidates.append(ort_dynamic(task, workdir, by_hand=True))
     if not args.baseline_only:
         candidates.append(ours(task, args.profile, workdir, log))
     runs = args.runs or (60 if args.quick else 300 if task.name in ("digits", "cls") else 200)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def _encoder_module() -> Any:
                 p = f"encoder.layer.{layer}"
                 split = lambda t: t.view(t.shape[0], steps, heads, hidden // heads).transpose(1, 2)  # noqa: E731
                 q, k, v = (split(dense(x, f"{p}.attention.self.{n}")) for n in ("query", "key", "value"))
-                scores = torch.softmax(q @ k.transpose(-1, -2) / 8.0 + bias, dim=-1)
+                scores = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hidden // heads) + bias, dim=-1)
                 context = (scores @ v).transpose(1, 2).reshape(x.shape[0], steps, hidden)
                 x = norm(x + dense(context, f"{p}.attention.output.dense"), f"{p}.attention.output.LayerNorm")
                 inner = torch.nn.functional.gelu(dense(x, f"{p}.intermediate.dense"))
@@ -80,7 +81,7 @@ def minilm_model() -> Path:
     """Path of the exported fp32 ONNX encoder: (input_ids, attention_mask) [1, 32] -> last_hidden_state."""
     import torch
 
-    path = Path(tempfile.gettempdir()) / "edge-zoo-minilm-l6.onnx"
+    path = Path(tempfile.gettempdir()) / "edge-zoo-minilm-l6-v2.onnx"
     if not path.exists():
         ids = torch.ones((1, SEQUENCE), dtype=torch.int64)
         with torch.no_grad():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "quantizable_nodes",
     "smallest_passing",
     "sqnr",
+    "sqnr_ranking",
     "tensor_values",
     "tightened",
 ]
@@ -164,6 +165,28 @@ def sqnr(reference: list[np.ndarray] | None, noisy: list[np.ndarray] | None) -> 
     signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
     noise = sum(float(np.sum((r.astype(np.float64) - n) ** 2)) for r, n in zip(reference, noisy, strict=True))
     return math.inf if noise == 0 or signal == 0 else 10 * math.log10(signal / noise)
+
+
+def sqnr_ranking(
+    float_model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    nodes: Sequence[str],
+    samples: Samples,
+    profile: DeviceProfile,
+) -> list[str]:
+    """`nodes` (names in `float_model`, whose tensors `quantized` keeps), the one whose int8 costs most
+    signal-to-noise first: its output's SQNR (dB) against its input's, on `samples`."""
+    by_name = {node.name: node for node in float_model.graph.node}
+    tensors = sorted({t for name in nodes for t in (by_name[name].input[0], by_name[name].output[0])})
+    float_values = tensor_values(float_model, tensors, samples, profile)
+    quant_values = tensor_values(quantized, tensors, samples, profile)
+    damage = {}
+    for name in nodes:
+        node = by_name[name]
+        sqnr_in = sqnr(float_values.get(node.input[0]), quant_values.get(node.input[0]))
+        sqnr_out = sqnr(float_values.get(node.output[0]), quant_values.get(node.output[0]))
+        damage[name] = sqnr_in - sqnr_out if math.isfinite(sqnr_in) else 100.0 - sqnr_out
+    return sorted(nodes, key=lambda name: (-damage[name], name))
 
 
 def tightened(budgets: Budgets, share: float) -> Budgets:

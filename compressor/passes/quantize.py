@@ -16,7 +16,8 @@ ONNX Runtime's `quantize_static` does the rewriting; this pass decides *what* it
 4. The fastest candidate within budget wins; if none is faster than fp32, weight-only wins.
    "Faster" means faster by `speedup_required` in every one of several interleaved timing runs.
 5. On transformer and recurrent models (MatMul-heavy, LSTM/GRU), ONNX Runtime's dynamic int8
-   (per-channel weights, activations quantized at run time) is measured too, and kept on the same terms.
+   (per-channel weights, activations quantized at run time) is measured too, also on the graph ORT's
+   transformer optimizer fuses, fitted and kept on the same terms (_dynamic_int8.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
-    quantize_dynamic,
     quantize_static,
 )
 
@@ -41,6 +41,7 @@ from compressor.int4_weights import store_weights_int4
 from compressor.int8_weights import store_small_floats_fp16, store_weights_int8
 from compressor.measure import fidelity, make_session, meets_budgets, run_all, timed_ratios
 from compressor.onnx_model import shrink_names
+from compressor.passes._dynamic_int8 import DynamicInt8
 from compressor.passes._int8_search import (
     COMPUTE_OPS,
     CalibrationReader,
@@ -48,8 +49,7 @@ from compressor.passes._int8_search import (
     node_macs,
     quantizable_nodes,
     smallest_passing,
-    sqnr,
-    tensor_values,
+    sqnr_ranking,
     tightened,
 )
 from compressor.passes.base import CompressionContext, PassResult
@@ -61,8 +61,6 @@ __all__ = ["Int8Options", "Int8Quantization"]
 
 ABSORBED_OPS = ("Relu", "Clip")
 """Activations the int8 kernels fold into the preceding node's requantization."""
-DYNAMIC_OPS = ("MatMul", "LSTM", "GRU", "Attention")
-"""Ops ONNX Runtime's dynamic quantization computes in int8 (activations quantized at run time)."""
 MAC_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 PROBE_SAMPLES = 4
 """Selection samples each weight's damage is measured on (one session per weight and sample)."""
@@ -81,7 +79,10 @@ class Int8Options:
     """Int8 compute is kept only if at most this share of the weight-only model's latency."""
     allow_int8_compute: bool = True
     dynamic: bool = True
-    """Also measure ONNX Runtime's dynamic int8 (per-channel) on transformer and recurrent models."""
+    """Also measure ONNX Runtime's dynamic int8 (per-channel) on transformer and recurrent models, on
+    the graph as given and on the one ONNX Runtime's transformer optimizer fuses."""
+    dynamic_margin: float = 0.8
+    """Share of each budget's slack a dynamic int8 candidate may use on the selection split."""
     rounding: str = "gptq"
     """How weights are rounded to int8/int4: "gptq" (error-compensating, on the calibration
     activations) or "nearest"."""
@@ -206,7 +207,7 @@ class _Search:
                     "the rest compute in float with int8 weights"
                 )
                 break
-        best, decision = self.try_dynamic(best, decision)
+        best, decision = DynamicInt8(self).choose(best, decision)
         return best, list(self.rows.values()), decision
 
     def fit_int4(self, storage: Candidate) -> Candidate:
@@ -338,24 +339,17 @@ class _Search:
 
     def damage_ranking(self, candidate: Candidate) -> list[str]:
         """Int8 nodes ordered by the signal-to-noise (dB) they cost, measured on a few samples."""
-        by_name = {node.name: node for node in self.nodes}
-        tensors = sorted(
-            {t for name in candidate.int8_nodes for t in (by_name[name].input[0], by_name[name].output[0])}
-        )
         samples = list(self.ctx.validation[:4])
-        float_values = tensor_values(self.model, tensors, samples, self.ctx.profile)
-        quant_values = tensor_values(candidate.named_model, tensors, samples, self.ctx.profile)
-        damage = {}
-        for name in candidate.int8_nodes:
-            node = by_name[name]
-            sqnr_in = sqnr(float_values.get(node.input[0]), quant_values.get(node.input[0]))
-            sqnr_out = sqnr(float_values.get(node.output[0]), quant_values.get(node.output[0]))
-            damage[name] = sqnr_in - sqnr_out if math.isfinite(sqnr_in) else 100.0 - sqnr_out
-        return sorted(candidate.int8_nodes, key=lambda name: (-damage[name], name))
+        return sqnr_ranking(
+            self.model, candidate.named_model, candidate.int8_nodes, samples, self.ctx.profile
+        )
 
-    def evaluate(self, label: str, int8_nodes: tuple[str, ...], *, dynamic: bool = False) -> Candidate:
-        """Build a candidate and measure its size and fidelity (not its latency)."""
-        named = self.build_dynamic() if dynamic else self.build(int8_nodes)
+    def evaluate(self, label: str, int8_nodes: tuple[str, ...]) -> Candidate:
+        """Build a static candidate and measure its size and fidelity (not its latency)."""
+        return self.evaluate_model(label, int8_nodes, self.build(int8_nodes))
+
+    def evaluate_model(self, label: str, int8_nodes: tuple[str, ...], named: onnx.ModelProto) -> Candidate:
+        """Measure a built candidate's size and fidelity (not its latency)."""
         model = shrink_names(named)
         model_bytes = model.SerializeToString()
         session = make_session(model_bytes, self.ctx.profile)
@@ -376,58 +370,6 @@ class _Search:
         """The probe samples and the reference outputs on them."""
         feeds = [dict(self.ctx.validation[i]) for i in self.probe]
         return feeds, [self.reference[i] for i in self.probe]
-
-    def dynamic_nodes(self) -> tuple[str, ...]:
-        """MatMul/LSTM/GRU/Attention nodes ORT's dynamic int8 would quantize (sensitive weights excluded),
-        when the model looks like a transformer or a recurrent network; () otherwise."""
-        initializers = {init.name for init in self.model.graph.initializer}
-        nodes = [
-            node
-            for node in self.model.graph.node
-            if node.op_type in DYNAMIC_OPS
-            and any(name in initializers and name not in self.float_weights for name in node.input[1:3])
-        ]
-        recurrent = any(node.op_type != "MatMul" for node in nodes)
-        return tuple(sorted(node.name for node in nodes)) if recurrent or len(nodes) >= 4 else ()
-
-    def build_dynamic(self) -> onnx.ModelProto:
-        """ORT's dynamic int8 quantization (per-channel weights, activations quantized at run time)
-        on `dynamic_nodes`, int8 storage for every other weight."""
-        output = self.workdir / "dynamic.onnx"
-        quantize_dynamic(
-            str(self.model_path),
-            str(output),
-            op_types_to_quantize=list(DYNAMIC_OPS),
-            nodes_to_quantize=list(self.dynamic_nodes()),
-            per_channel=True,
-            reduce_range=self.ctx.profile.quantization.reduce_range,
-            weight_type=QuantType.QInt8,
-            extra_options={"MatMulConstBOnly": True},
-        )
-        model, _ = store_weights_int8(
-            onnx.load_model(str(output)), skip=self.float_weights, rounding=self.rounding
-        )
-        model, _ = store_small_floats_fp16(model)
-        return model
-
-    def try_dynamic(self, best: Candidate, decision: str) -> tuple[Candidate, str]:
-        """Measure dynamic int8 against the best so far; keep it when within budget and clearly faster."""
-        nodes = self.dynamic_nodes()
-        if not (self.options.dynamic and nodes):
-            return best, decision
-        dynamic = self.evaluate("dynamic int8 (per-channel)", nodes, dynamic=True)
-        ok, why = meets_budgets(dynamic.fidelity, self.reference_fidelity, self.ctx.profile.budgets)
-        self.time([dynamic, best])
-        self.ctx.log(
-            f"  {dynamic.label}: {len(nodes)} nodes, latency x{dynamic.latency_ratio:.2f} vs "
-            f"{best.label} x{best.latency_ratio:.2f}{'' if ok else f', misses the budget ({why})'}"
-        )
-        if ok and self.clearly_faster(dynamic, best):
-            return dynamic, (
-                f"dynamic int8 on {len(nodes)} MatMul/recurrent nodes (faster than {best.label} in each of "
-                f"{len(dynamic.per_run)} timing runs, within budget); other weights stored int8"
-            )
-        return best, decision
 
     def build(self, int8_nodes: tuple[str, ...]) -> onnx.ModelProto:
         """The model with int8 compute on `int8_nodes` and int8 storage for every other weight."""
