@@ -309,3 +309,29 @@ def test_a_broker_that_is_down_is_not_a_refusal() -> None:
             link.require_connected(0.5)
     finally:
         link.stop(timeout=1.0)
+
+
+def test_a_broker_certificate_for_another_host_is_refused_naming_the_host(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    """A certificate the fleet CA signed, but for `gateway.example` only: connecting to 127.0.0.1 is
+    refused at once, in one line that says the certificate does not name the host."""
+    other = tmp_path / "other-certs"
+    other.mkdir()
+    for name in ("ca.crt", "ca.key"):
+        (other / name).write_bytes((fleet.certs / name).read_bytes())
+    args = ["certs", "broker", "--host", "gateway.example", "--ca", str(other), "-o", str(other)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    (tmp_path / "broker").mkdir()
+    broker = Broker(tmp_path / "broker", users={"operator": PASSWORD}, tls=BrokerTls(other))
+    broker.start()
+    try:
+        options = _tls_options(fleet.certs / "ca.crt", *fleet.cert("operator"))
+        args = ["models", "--device", "gw-a", "--broker", f"127.0.0.1:{broker.port}", "--timeout", "120"]
+        result = CliRunner().invoke(cli, [*args, *options])
+    finally:
+        broker.stop()
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1, result.output
+    assert "does not name the host" in result.output and "Traceback" not in result.output
