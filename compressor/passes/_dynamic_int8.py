@@ -58,10 +58,9 @@ class DynamicInt8:
         if not search.options.dynamic:
             return best, decision
         graphs = [("dynamic int8 (per-channel)", search.model)]
-        if any(node.op_type == "Softmax" for node in search.model.graph.node):
-            fused = fuse_transformer(search.model)
-            if fused is not None:
-                graphs.append(("dynamic int8 on fused attention", fused))
+        fused = fuse_transformer(search.model)
+        if fused is not None:
+            graphs.append(("dynamic int8 on fused attention", fused))
         for label, graph in graphs:
             nodes = dynamic_nodes(graph, search.float_weights)
             if not nodes:
