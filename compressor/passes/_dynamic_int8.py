@@ -99,7 +99,9 @@ class DynamicInt8:
             suffix = f", {count} sensitive nodes float" if count else ""
             trial = trials[count] = search.evaluate_model(f"{label}{suffix}", kept, self.build(source, kept))
             search.record(trial)
-            ok, why = meets_budgets(trial.fidelity, search.reference_fidelity, budgets)
+            ok, why = meets_budgets(
+                trial.fidelity, search.reference_fidelity, budgets, search.options.dynamic_margin
+            )
             search.ctx.log(f"  {trial.label}: cosine {trial.fidelity.cosine:.4f}{'' if ok else f' ({why})'}")
             return ok
 

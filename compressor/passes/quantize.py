@@ -248,7 +248,9 @@ class _Search:
             except ModelError:
                 return False
             self.record(trial)
-            return meets_budgets(trial.fidelity, self.reference_fidelity, budgets)[0]
+            return meets_budgets(trial.fidelity, self.reference_fidelity, budgets, self.options.int4_margin)[
+                0
+            ]
 
         kept = 0 if passes(0) else smallest_passing(len(ranking), passes)
         if kept is None or kept == len(ranking):
