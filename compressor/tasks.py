@@ -6,7 +6,9 @@ original model's, as a share where 1.0 means "as the original":
 
     classes     top-1 agreement per row (and accuracy against labels, when given)
     ctc         per-step class scores decoded greedily as CTC: share of identical strings (+ CER)
-    detection   YOLO-layout heads decoded above a score threshold and matched by IoU: matched share
+    detection   YOLO-layout heads decoded above a score threshold and matched by IoU: matched share;
+                a head split over several outputs (PP-PicoDet/GFL: per stride class scores and DFL
+                box distributions) is found and judged as one task (compressor/dense_head.py)
     boxes       probability maps (DB text detectors): connected regions above `map_threshold`,
                 their bounding boxes matched by IoU: matched share (named by the user, never guessed)
     embedding   cosine of the pooled (mean over tokens) vector
