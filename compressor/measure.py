@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from compressor.dense_head import find_dense_heads, score_dense_head
 from compressor.tasks import (
     COSINE_TASKS,
     CustomMetric,
@@ -112,15 +113,18 @@ def fidelity(
     tasks = tasks or TaskConfig()
     count = len(reference[0]) if reference else 0
     names = list(names) if names is not None else [f"output{i}" for i in range(count)]
-    scores: list[TaskScore] = []
+    scores, grouped = _dense_head_scores(names, reference, candidate, tasks)
     cosines: list[float] = []
     for index, name in enumerate(names):
         ref = [outputs[index] for outputs in reference]
         cand = [outputs[index] for outputs in candidate]
         spec = tasks.specs.get(name)
-        scores.append(
-            score_output(name, ref, cand, spec or TaskSpec(guess_task(name, ref[0])), guessed=spec is None)
-        )
+        if index not in grouped:
+            scores.append(
+                score_output(
+                    name, ref, cand, spec or TaskSpec(guess_task(name, ref[0])), guessed=spec is None
+                )
+            )
         per_sample = [
             _cosine(r, c) if r.dtype.kind == "f" else float(np.array_equal(r, c))
             for r, c in zip(ref, cand, strict=True)
@@ -154,6 +158,26 @@ def fidelity(
     )
 
 
+def _dense_head_scores(
+    names: Sequence[str],
+    reference: list[list[np.ndarray]],
+    candidate: list[list[np.ndarray]],
+    tasks: TaskConfig,
+) -> tuple[list[TaskScore], set[int]]:
+    """The detection score of a split dense head (judged as one task, see compressor/dense_head.py)
+    and the outputs it covers; none when the user named one of its outputs as another task."""
+    heads = find_dense_heads(names, reference[0], tasks.image_size) if reference else []
+    scores, grouped = [], set[int]()
+    for head in heads:
+        named = [tasks.specs[names[i]] for i in head.members if names[i] in tasks.specs]
+        if any(spec.kind is not TaskKind.DETECTION for spec in named):
+            continue
+        spec = named[0] if named else TaskSpec(TaskKind.DETECTION)
+        scores.append(score_dense_head(head, names, reference, candidate, spec, guessed=not named))
+        grouped.update(head.members)
+    return scores, grouped
+
+
 def _accuracy(
     names: Sequence[str],
     reference: list[list[np.ndarray]],
@@ -162,9 +186,10 @@ def _accuracy(
     labels: np.ndarray,
 ) -> TaskScore:
     """Accuracy against labels of the first class-score output, for the candidate and the reference."""
-    index = next((i for i, s in enumerate(scores) if s.task == TaskKind.CLASSES), None)
-    if index is None:
+    first = next((s.output for s in scores if s.task == TaskKind.CLASSES), None)
+    if first is None:
         raise DataError("labels were given but the model has no class-score output ([N, classes])")
+    index = list(names).index(first)
     truth = np.asarray(labels).ravel()
 
     def share(outputs: list[list[np.ndarray]]) -> float:

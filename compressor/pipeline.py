@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import tempfile
 import zlib
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 
 from compressor.data import MIN_REPORT_SAMPLES, Dataset, split_selection
+from compressor.dense_head import image_size_of
 from compressor.int8_weights import weight_precisions
 from compressor.measure import budget_failures, fidelity, make_session, run_all, timed_ratios
 from compressor.onnx_model import load_model, op_counts, tensor_specs
@@ -76,6 +78,13 @@ def host_cpu() -> dict[str, Any]:
     return {"cpu": name, "arch": platform.machine(), "features": [f for f in wanted if f in flags]}
 
 
+def _with_image_size(tasks: TaskConfig, calibration: Sequence[Mapping[str, np.ndarray]]) -> TaskConfig:
+    """`tasks` knowing the model's image input size (from the data), for dense detection heads."""
+    if tasks.image_size is not None or not calibration:
+        return tasks
+    return dataclasses.replace(tasks, image_size=image_size_of(calibration[0]))
+
+
 def compress(
     model_path: Path,
     profile: DeviceProfile,
@@ -124,7 +133,7 @@ def compress(
             seed=seed,
             log=log,
             options=dict(pass_options or {}),
-            tasks=tasks or TaskConfig(),
+            tasks=_with_image_size(tasks or TaskConfig(), calibration),
             output_names=tuple(out.name for out in original.graph.output),
         )
         model, reports, artifact = _run_passes(original, passes, ctx, show_progress)

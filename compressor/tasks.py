@@ -6,7 +6,9 @@ original model's, as a share where 1.0 means "as the original":
 
     classes     top-1 agreement per row (and accuracy against labels, when given)
     ctc         per-step class scores decoded greedily as CTC: share of identical strings (+ CER)
-    detection   YOLO-layout heads decoded above a score threshold and matched by IoU: matched share
+    detection   YOLO-layout heads decoded above a score threshold and matched by IoU: matched share;
+                a head split over several outputs (PP-PicoDet/GFL: per stride class scores and DFL
+                box distributions) is found and judged as one task (compressor/dense_head.py)
     boxes       probability maps (DB text detectors): connected regions above `map_threshold`,
                 their bounding boxes matched by IoU: matched share (named by the user, never guessed)
     embedding   cosine of the pooled (mean over tokens) vector
@@ -40,6 +42,8 @@ __all__ = [
     "guess_task",
     "load_metric",
     "map_boxes",
+    "match_detections",
+    "nms",
     "parse_task_option",
     "score_output",
 ]
@@ -111,6 +115,8 @@ class TaskConfig:
 
     specs: Mapping[str, TaskSpec] = field(default_factory=dict)
     metric: CustomMetric | None = None
+    image_size: tuple[int, int] | None = None
+    """The model's image input (height, width), when it has one: places a split dense head's anchors."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +273,7 @@ def decode_yolo(
         scores = scores_per_class[np.arange(len(rows)), best]
         keep = scores >= threshold
         corners = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
-        results.append(_nms(corners[keep], scores[keep], best[keep]))
+        results.append(nms(corners[keep], scores[keep], best[keep]))
     return results
 
 
@@ -280,7 +286,7 @@ def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def _nms(
+def nms(
     boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float = 0.5, limit: int = 300
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Greedy per-class non-maximum suppression, best `limit` boxes."""
@@ -296,7 +302,7 @@ def _nms(
     return boxes[kept], scores[kept], classes[kept]
 
 
-def _match(reference: tuple[np.ndarray, ...], candidate: tuple[np.ndarray, ...], iou: float) -> int:
+def match_detections(reference: tuple[np.ndarray, ...], candidate: tuple[np.ndarray, ...], iou: float) -> int:
     """Reference detections with a same-class candidate detection at IoU >= `iou` (greedy, by score)."""
     ref_boxes, _, ref_classes = reference
     cand_boxes, _, cand_classes = candidate
@@ -327,7 +333,9 @@ def _score_detection(ref: Outputs, cand: Outputs, spec: TaskSpec) -> tuple[float
         )
         ref_low, cand_low = decode_yolo(r, low, logits), decode_yolo(c, low, logits)
         for images in zip(ref_high, cand_high, ref_low, cand_low, strict=True):
-            found += _match(images[0], images[3], spec.iou) + _match(images[1], images[2], spec.iou)
+            found += match_detections(images[0], images[3], spec.iou) + match_detections(
+                images[1], images[2], spec.iou
+            )
             ref_count, cand_count = ref_count + len(images[0][0]), cand_count + len(images[1][0])
     total = ref_count + cand_count
     return (found / total if total else 1.0), {
@@ -357,7 +365,7 @@ def _score_boxes(ref: Outputs, cand: Outputs, spec: TaskSpec) -> tuple[float, di
         for ref_map, cand_map in zip(r.reshape(-1, *r.shape[-2:]), c.reshape(-1, *c.shape[-2:]), strict=True):
             sides = [map_boxes(m, spec.map_threshold, spec.min_pixels) for m in (ref_map, cand_map)]
             detections = [(boxes, np.ones(len(boxes)), np.zeros(len(boxes))) for boxes in sides]
-            found += _match(detections[0], detections[1], spec.iou) + _match(
+            found += match_detections(detections[0], detections[1], spec.iou) + match_detections(
                 detections[1], detections[0], spec.iou
             )
             ref_count, cand_count = ref_count + len(sides[0]), cand_count + len(sides[1])

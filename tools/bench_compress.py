@@ -1,6 +1,6 @@
 """Benchmark: fp32 vs ONNX Runtime `quantize_static` defaults vs our compressor, on real models.
 
-Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec,vad,minilm]
+Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec,vad,minilm,layout]
 
 Every candidate is timed interleaved with its fp32 model in this process (batch 1, one intra-op
 thread) and judged on held-out samples the compressor never saw (it gets a separate tuning split).
@@ -30,7 +30,7 @@ from tools import zoo
 __all__ = ["MODELS", "Candidate", "Row", "Task", "build_task", "host_description", "main"]
 
 Feed = dict[str, np.ndarray]
-MODELS = ("digits", "cls", "det", "rec", "vad", "minilm")
+MODELS = ("digits", "cls", "det", "rec", "vad", "minilm", "layout")
 DET_THRESHOLD = 0.3
 # (calibration, tuning, evaluation) sample counts, full and --quick.
 _SPLITS = {
@@ -39,6 +39,7 @@ _SPLITS = {
     "rec": ((64, 200, 300), (16, 40, 80)),
     "vad": ((240, 240, 600), (120, 120, 300)),
     "minilm": ((64, 100, 200), (16, 40, 80)),
+    "layout": ((32, 40, 60), (8, 16, 20)),
 }
 
 
@@ -50,6 +51,8 @@ class Kind(StrEnum):
     RECOGNIZER = "recognizer"
     DECISION = "decision"
     ENCODER = "encoder"
+    LAYOUT = "layout"
+    """A split dense detection head (several outputs), judged by tools/zoo_layout.py."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,6 +179,18 @@ def build_task(name: str, quick: bool, workdir: Path) -> Task:
             minilm_feeds(n_cal, seed=501),
             minilm_feeds(n_tune, seed=502),
             minilm_feeds(n_eval, seed=503),
+        )
+    if name == "layout":
+        from tools.zoo_layout import LAYOUT_TASK, layout_feeds, layout_model
+
+        return Task(
+            name,
+            layout_model(),
+            Kind.LAYOUT,
+            layout_feeds(n_cal, seed=601),
+            layout_feeds(n_tune, seed=602),
+            layout_feeds(n_eval, seed=603),
+            tasks=(LAYOUT_TASK,),
         )
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
@@ -333,8 +348,9 @@ def latency_ratio(
     return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
 
 
-def _outputs(s: ort.InferenceSession, feeds: Sequence[Feed]) -> list[np.ndarray]:
-    return [s.run(None, feed)[0] for feed in feeds]
+def _outputs(s: ort.InferenceSession, feeds: Sequence[Feed], every: bool = False) -> list:
+    """The first output per feed (every output, as a list per feed, when `every`)."""
+    return [s.run(None, feed) if every else s.run(None, feed)[0] for feed in feeds]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -345,6 +361,10 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def quality(task: Task, reference: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[str, str]:
     """(task metric, agreement with fp32) as table cells."""
+    if task.kind is Kind.LAYOUT:
+        from tools.zoo_layout import layout_quality
+
+        return layout_quality(reference, outputs)
     if task.kind is Kind.CLASSIFIER:
         predicted = np.array([o.reshape(-1).argmax() for o in outputs])
         agree = np.mean(predicted == np.array([o.reshape(-1).argmax() for o in reference]))
@@ -386,7 +406,7 @@ def measure(
         return Row(task.name, candidate.variant, candidate.failure, "", "", "", "")
     try:
         s = session(candidate.model_bytes, candidate.session_config)
-        outputs = _outputs(s, task.evaluation)
+        outputs = _outputs(s, task.evaluation, every=task.kind is Kind.LAYOUT)
     except Exception as exc:  # a written model ORT cannot load or run is a result too
         return Row(task.name, candidate.variant, f"fails to load/run: {_short(exc)}", "", "", "", "")
     base_ms, cand_ms = latency_ratio(fp32, s, task.evaluation[0], runs)
@@ -407,7 +427,7 @@ def benchmark_model(task: Task, args: argparse.Namespace, workdir: Path) -> list
     """Every candidate of one model, measured against its fp32 model."""
     log = print if args.verbose else (lambda _line: None)
     fp32 = session(task.model_path)
-    reference = _outputs(fp32, task.evaluation)
+    reference = _outputs(fp32, task.evaluation, every=task.kind is Kind.LAYOUT)
     fp32_candidate = Candidate("fp32", task.model_path.read_bytes())
     candidates = [fp32_candidate, ort_defaults(task, workdir, preprocess=False)]
     if candidates[-1].model_bytes is None or _weights_in_constants(task.model_path):
