@@ -83,6 +83,9 @@ class Int8Options:
     the graph as given and on the one ONNX Runtime's transformer optimizer fuses."""
     dynamic_margin: float = 0.8
     """Share of each budget's slack a dynamic int8 candidate may use on the selection split."""
+    storage_margin: float = 0.5
+    """Share of each budget's slack the weights kept float are chosen to leave used on the selection
+    split (when int8 storage of every weight misses a budget), so the report split still meets it."""
     rounding: str = "gptq"
     """How weights are rounded to int8/int4: "gptq" (error-compensating, on the calibration
     activations) or "nearest"."""
@@ -265,7 +268,8 @@ class _Search:
 
     def fit_weight_storage(self) -> Candidate:
         """Keep float (fp16-stored) the fewest weights whose int8 storage costs most fidelity, so the
-        budgets are met: weights ranked by the damage each does alone, then the count searched."""
+        budgets are met with `storage_margin` of their slack: weights ranked by the damage each does
+        alone, then the count searched."""
         _, storage = store_weights_int8(self.model)
         probe, reference = self.probe_feeds()
         damage = {}
@@ -281,9 +285,14 @@ class _Search:
             trial = trials[count] = self.evaluate(f"weight-only int8, {count} sensitive weights float", ())
             self.record(trial)
             self.ctx.log(f"  {trial.label}: cosine {trial.fidelity.cosine:.4f}, {trial.size} bytes")
-            return meets_budgets(trial.fidelity, self.reference_fidelity, self.ctx.profile.budgets)[0]
+            return meets_budgets(trial.fidelity, self.reference_fidelity, budgets, margin)[0]
 
+        margin = self.options.storage_margin
+        budgets = tightened(self.ctx.profile.budgets, margin)
         count = smallest_passing(len(ranking), passes)
+        if count is None and margin < 1.0:  # even fp16 everywhere uses more slack: the plain budgets
+            margin, budgets = 1.0, self.ctx.profile.budgets
+            count = smallest_passing(len(ranking), passes)
         if count is None:
             why = meets_budgets(
                 trials[len(ranking)].fidelity, self.reference_fidelity, self.ctx.profile.budgets
