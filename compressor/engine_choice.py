@@ -24,9 +24,9 @@ import onnx
 
 from compressor.data import Dataset
 from compressor.measure import budget_failures, fidelity, make_session, run_all, timed_ratios
+from compressor.openvino_target import OpenvinoSession, fixed_input_shape, openvino_int8
 from compressor.passes.base import CompressionContext
 from edge_runtime.artifact.golden import GoldenCase
-from edge_runtime.artifact.manifest import Manifest
 from edge_runtime.config.profiles import DeviceProfile, Engine
 from edge_runtime.core.errors import EdgeError
 
@@ -50,25 +50,6 @@ class EngineCandidate:
     model_bytes: bytes
     engine_options: dict[str, str] = dataclasses.field(default_factory=dict)
     session_config: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-class _OpenvinoSession:
-    """Our OpenVINO engine behind the `run(None, feed) -> list` call the measurements use."""
-
-    def __init__(self, candidate: EngineCandidate, profile: DeviceProfile) -> None:
-        from edge_runtime.engines.openvino import OpenvinoBackend
-
-        manifest = Manifest(
-            name="candidate", version="1", profile=profile.name, engine=str(candidate.engine),
-            model_file="model.onnx", inputs=(), outputs=(), files={},
-            engine_options=dict(candidate.engine_options),
-        )  # fmt: skip
-        self._backend = OpenvinoBackend.load(manifest, candidate.model_bytes, profile)
-        self.precision = self._backend.precision
-
-    def run(self, _names: object, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = self._backend.run(dict(feed))
-        return [outputs[spec.name] for spec in self._backend.outputs]
 
 
 def installed_engines(profile: DeviceProfile, artifact_format: str) -> list[Engine]:
@@ -124,26 +105,49 @@ def _nncf_candidate(
     )
 
 
-def engine_candidates(
-    result: Any, original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]]
-) -> list[EngineCandidate]:
-    """Our artifact in each installed engine (OpenVINO at f32, and bf16 where the CPU has it), then
-    NNCF's int8 in OpenVINO; the profile's preferred engine comes first."""
-    engines = installed_engines(ctx.profile, result.artifact_format)
-    out: list[EngineCandidate] = []
-    for engine in engines:
-        if engine is Engine.OPENVINO:
-            out.append(
-                EngineCandidate(
-                    engine, "our artifact, f32", result.model_bytes, {"inference_precision": "f32"}
-                )
+def _openvino_candidates(
+    result: Any, original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]],
+    reference: list[list[np.ndarray]],
+) -> list[EngineCandidate]:  # fmt: skip
+    """Our artifact at f32 (and bf16 where the CPU has it), our int8 chosen through OpenVINO, and NNCF's
+    int8 when installed; all compiled for the data's one input shape when they have one."""
+    static = fixed_input_shape(original, (ctx.calibration, ctx.validation))
+    shape = {"static_shape": static} if static else {}
+    precision = "bf16" if _openvino_has_bf16() else "f32"
+    out = [EngineCandidate(Engine.OPENVINO, "our artifact, f32", result.model_bytes,
+                           {"inference_precision": "f32", **shape})]  # fmt: skip
+    if precision == "bf16":
+        out.append(EngineCandidate(Engine.OPENVINO, "our artifact, bf16", result.model_bytes,
+                                   {"inference_precision": "bf16", **shape}))  # fmt: skip
+    names = [spec.name for spec in result.outputs]
+    # int8 beside bf16 can cost fidelity: f32 is tried too, each node's damage measured once
+    option_sets = [{"inference_precision": wanted, **shape} for wanted in dict.fromkeys((precision, "f32"))]
+    ours = openvino_int8(original, ctx, reference, names, option_sets)
+    if ours is not None:
+        model_bytes, label, options = ours
+        out.append(
+            EngineCandidate(
+                Engine.OPENVINO, f"{label}, {options['inference_precision']}", model_bytes, options
             )
-            if _openvino_has_bf16():
-                out.append(EngineCandidate(engine, "our artifact, bf16", result.model_bytes,
-                                           {"inference_precision": "bf16"}))  # fmt: skip
-            nncf_candidate = _nncf_candidate(original, ctx, reports)
-            if nncf_candidate is not None:
-                out.append(nncf_candidate)
+        )
+    nncf_candidate = _nncf_candidate(original, ctx, reports)
+    if nncf_candidate is not None:
+        out.append(
+            dataclasses.replace(nncf_candidate, engine_options={**nncf_candidate.engine_options, **shape})
+        )
+    return out
+
+
+def engine_candidates(
+    result: Any, original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]],
+    reference: list[list[np.ndarray]],
+) -> list[EngineCandidate]:  # fmt: skip
+    """Our artifact in each installed engine, OpenVINO's own candidates after it; the profile's
+    preferred engine comes first."""
+    out: list[EngineCandidate] = []
+    for engine in installed_engines(ctx.profile, result.artifact_format):
+        if engine is Engine.OPENVINO:
+            out += _openvino_candidates(result, original, ctx, reports, reference)
         else:
             out.append(
                 EngineCandidate(engine, "our artifact", result.model_bytes, {}, dict(result.session_config))
@@ -154,7 +158,7 @@ def engine_candidates(
 def _session(candidate: EngineCandidate, profile: DeviceProfile) -> Any:
     """The candidate loaded as the device would load it."""
     if candidate.engine is Engine.OPENVINO:
-        return _OpenvinoSession(candidate, profile)
+        return OpenvinoSession(candidate.model_bytes, candidate.engine_options, profile)
     return make_session(candidate.model_bytes, profile, candidate.session_config)
 
 
@@ -209,13 +213,17 @@ def _measured(
 
 def choose_engine(result: Any, original: onnx.ModelProto, ctx: CompressionContext, held: Dataset) -> Any:
     """`result` for the engine that measured best within budget, with the choice in its report."""
-    candidates = engine_candidates(result, original, ctx, result.report.get("passes", ()))
-    preferred = str(candidates[0].engine if candidates else ctx.profile.runtime.engine)
-    if len(candidates) < 2:
+    engines = installed_engines(ctx.profile, result.artifact_format)
+    preferred = str(engines[0] if engines else ctx.profile.runtime.engine)
+    if len(engines) < 2 and Engine.OPENVINO not in engines:
         return dataclasses.replace(result, engine=preferred)
     names = [spec.name for spec in result.outputs]
     reference = make_session(original.SerializeToString(), ctx.profile)
-    kept, sessions, failures = _measured(candidates, ctx, run_all(reference, ctx.validation), names)
+    ref_outputs = run_all(reference, ctx.validation)
+    candidates = engine_candidates(result, original, ctx, result.report.get("passes", ()), ref_outputs)
+    if len(candidates) < 2:
+        return dataclasses.replace(result, engine=preferred)
+    kept, sessions, failures = _measured(candidates, ctx, ref_outputs, names)
     if len(kept) < 2 or kept[0] is not candidates[0]:
         return dataclasses.replace(result, engine=preferred)
     timing = timed_ratios(reference, sessions, dict(ctx.validation[0]))

@@ -1,0 +1,203 @@
+"""OpenVINO as a compression target: candidates loaded through our `openvino` engine, the static
+input shape a fixed-shape data set allows, and our own int8 for it, chosen per node through OpenVINO.
+
+OpenVINO fuses int8 compute only where activations are quantized symmetrically to int8 (measured on
+an AMX Xeon, MiniLM: 0.27x of ONNX Runtime fp32 with signed activations, 0.4-0.6x with unsigned, no
+faster than its bf16), so its candidate is a QDQ graph written by ONNX Runtime's `quantize_static`
+with signed symmetric activations and per-channel weights on the Conv/MatMul/Gemm nodes. The nodes
+whose int8 costs most fidelity go back to float: each node's damage is measured through OpenVINO (the
+engine that will run it, which reads QDQ graphs its own way), then the fewest of the worst are left
+float so the budgets are met on the selection split.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+from compressor.measure import budget_failures, fidelity, run_all
+from compressor.onnx_model import preprocess, shrink_names
+from compressor.passes._int8_search import COMPUTE_OPS, CalibrationReader, smallest_passing
+from compressor.passes.base import CompressionContext, Samples
+from edge_runtime.artifact.manifest import Manifest
+from edge_runtime.config.profiles import DeviceProfile
+from edge_runtime.core.errors import EdgeError
+from edge_runtime.engines.openvino import format_static_shape
+
+__all__ = ["OpenvinoSession", "fixed_input_shape", "openvino_int8"]
+
+PROBE_SAMPLES = 4
+"""Selection samples each node's damage is measured on."""
+CALIBRATION_SAMPLES = 64
+
+
+class OpenvinoSession:
+    """Our OpenVINO engine behind the `run(None, feed) -> list` call the measurements use."""
+
+    def __init__(self, model_bytes: bytes, engine_options: Mapping[str, str], profile: DeviceProfile) -> None:
+        from edge_runtime.engines.openvino import OpenvinoBackend
+
+        manifest = Manifest(
+            name="candidate", version="1", profile=profile.name, engine="openvino",
+            model_file="model.onnx", inputs=(), outputs=(), files={},
+            engine_options=dict(engine_options),
+        )  # fmt: skip
+        self._backend = OpenvinoBackend.load(manifest, model_bytes, profile)
+        self.precision = self._backend.precision
+
+    def run(self, _names: object, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs in the model's order."""
+        outputs = self._backend.run(dict(feed))
+        return [outputs[spec.name] for spec in self._backend.outputs]
+
+
+def fixed_input_shape(model: onnx.ModelProto, samples: Sequence[Samples]) -> str:
+    """The `static_shape` engine option when every sample of every split feeds each input of a
+    dynamic dimension the same shape ('' otherwise): OpenVINO then compiles for that shape."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    dynamic = any(
+        not dim.HasField("dim_value") for value in inputs for dim in value.type.tensor_type.shape.dim
+    )
+    shapes = {
+        tuple((value.name, tuple(np.shape(feed[value.name]))) for value in inputs if value.name in feed)
+        for split in samples
+        for feed in split
+    }
+    if not dynamic or len(shapes) != 1:
+        return ""
+    return format_static_shape(dict(next(iter(shapes))))
+
+
+class _Builder:
+    """Writes QDQ graphs for subsets of the nodes, from one calibration of them all."""
+
+    def __init__(self, model: onnx.ModelProto, ctx: CompressionContext) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="openvino-int8-", dir=ctx.workdir))
+        self.model, _ = preprocess(model, self.folder)
+        self.path = self.folder / "float.onnx"
+        onnx.save_model(self.model, str(self.path))
+        self.cache = self.folder / "calibration.json"
+        self.calibration = list(ctx.calibration[:CALIBRATION_SAMPLES])
+        self.per_channel = ctx.profile.quantization.per_channel
+        self.built: dict[tuple[str, ...], bytes] = {}
+        initializers = {init.name for init in self.model.graph.initializer}
+        self.nodes = [
+            node.name
+            for node in self.model.graph.node
+            if node.op_type in COMPUTE_OPS
+            and node.name
+            and (node.op_type == "MatMul" or node.input[1] in initializers)
+        ]
+
+    def build(self, nodes: Sequence[str]) -> bytes:
+        """The model with int8 compute (signed symmetric activations) on `nodes`."""
+        key = tuple(sorted(nodes))
+        if key not in self.built:
+            self.built[key] = self._write(nodes)
+        return self.built[key]
+
+    def _write(self, nodes: Sequence[str]) -> bytes:
+        """ONNX Runtime's QDQ rewrite of `nodes`, calibrated on the first call."""
+        output = self.folder / "candidate.onnx"
+        first = not self.cache.exists()  # calibrate every node's tensors once, reuse for each subset
+        quantize_static(
+            str(self.path),
+            str(output),
+            CalibrationReader(self.calibration) if first else None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(COMPUTE_OPS),
+            nodes_to_quantize=list(self.nodes if first else nodes),
+            per_channel=self.per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_cache_path=str(self.cache),
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+        if first and list(nodes) != self.nodes:
+            return self._write(nodes)
+        return shrink_names(onnx.load_model(str(output))).SerializeToString()
+
+
+class _Search:
+    """One search: each candidate compiled and run by OpenVINO, judged against the original."""
+
+    def __init__(
+        self, ctx: CompressionContext, options: Mapping[str, str], reference: list[list[np.ndarray]],
+        names: list[str],
+    ) -> None:  # fmt: skip
+        self.ctx, self.options, self.reference, self.names = ctx, dict(options), reference, names
+
+    def outputs(self, model_bytes: bytes, samples: Samples) -> list[list[np.ndarray]]:
+        """The candidate's outputs through OpenVINO."""
+        return run_all(OpenvinoSession(model_bytes, self.options, self.ctx.profile), samples)
+
+    def failures(self, model_bytes: bytes, count: int) -> list[str]:
+        """The budgets the candidate (int8 on `count` nodes) misses on the whole selection split."""
+        result = fidelity(self.reference, self.outputs(model_bytes, self.ctx.validation), self.ctx.labels,
+                          names=self.names, tasks=self.ctx.tasks)  # fmt: skip
+        failures = budget_failures(result, self.ctx.profile.budgets)
+        precision = self.options.get("inference_precision", "f32")
+        self.ctx.log(f"  OpenVINO int8 ({precision}) on {count} nodes: cosine {result.cosine:.4f}"
+                     + (f", misses the budget ({failures[0]})" if failures else ""))  # fmt: skip
+        return failures
+
+    def damage(self, builder: _Builder) -> dict[str, float]:
+        """Per node, how much output cosine on the probe samples is recovered by leaving it float."""
+        probe = list(self.ctx.validation[:PROBE_SAMPLES])
+        reference = self.reference[:PROBE_SAMPLES]
+        full = fidelity(reference, self.outputs(builder.build(builder.nodes), probe)).cosine
+        damage = {}
+        for name in builder.nodes:
+            rest = [node for node in builder.nodes if node != name]
+            damage[name] = fidelity(reference, self.outputs(builder.build(rest), probe)).cosine - full
+        return damage
+
+
+def _passes(search: _Search, builder: _Builder, ranking: list[str], count: int) -> bool:
+    """Whether int8 on all but the `count` most damaging nodes meets the budgets."""
+    return not search.failures(builder.build(ranking[count:]), len(ranking) - count)
+
+
+def openvino_int8(
+    model: onnx.ModelProto, ctx: CompressionContext, reference: list[list[np.ndarray]], names: list[str],
+    option_sets: Sequence[Mapping[str, str]],
+) -> tuple[bytes, str, dict[str, str]] | None:  # fmt: skip
+    """Our int8 for OpenVINO within budget on the selection split, its label and engine options: the
+    first of `option_sets` (precision hints) for which a node set meets the budgets. Each node's
+    damage is measured once, with the first. None when no set meets them or the graph cannot be written."""
+    try:
+        builder = _Builder(model, ctx)
+    except (EdgeError, ValueError, RuntimeError) as exc:
+        ctx.log(f"engine choice: no OpenVINO int8 candidate: {str(exc)[:200]}")
+        return None
+    total, ranking = len(builder.nodes), list[str]()
+    try:
+        for options in option_sets if builder.nodes else ():
+            search = _Search(ctx, options, reference, names)
+            if not search.failures(builder.build(builder.nodes), total):
+                return (
+                    builder.build(builder.nodes),
+                    f"our int8 for OpenVINO, {total} of {total} nodes",
+                    dict(options),
+                )
+            if not ranking:
+                ctx.log(f"  OpenVINO int8: measuring each of {total} nodes' damage through OpenVINO")
+                damage = search.damage(builder)
+                ranking = sorted(builder.nodes, key=lambda name: (-damage[name], name))  # most damaging first
+            count = smallest_passing(total - 1, functools.partial(_passes, search, builder, ranking))
+            if count is not None:
+                label = f"our int8 for OpenVINO, {total - count} of {total} nodes"
+                return builder.build(ranking[count:]), label, dict(options)
+    except EdgeError as exc:
+        ctx.log(f"engine choice: OpenVINO cannot run our int8: {str(exc)[:200]}")
+        return None
+    ctx.log("engine choice: no OpenVINO int8 node set meets the budgets")
+    return None
