@@ -188,6 +188,13 @@ def _pick(candidates: list[EngineCandidate], timing: Any, ok: list[bool]) -> int
     return min(better, key=lambda index: timing.ratios[index]) if better else 0
 
 
+def _size_failures(candidate: EngineCandidate, profile: DeviceProfile) -> list[str]:
+    """The model-size budget, when the candidate misses it."""
+    limit = profile.budgets.max_model_bytes
+    size = len(candidate.model_bytes)
+    return [f"model is {size} bytes, over the {limit}-byte budget"] if size > limit else []
+
+
 def _measured(
     candidates: list[EngineCandidate],
     ctx: CompressionContext,
@@ -207,7 +214,7 @@ def _measured(
         result = fidelity(ref_outputs, outputs, ctx.labels, names=names, tasks=ctx.tasks)
         kept.append(candidate)
         sessions.append(session)
-        failures.append(budget_failures(result, ctx.profile.budgets))
+        failures.append(budget_failures(result, ctx.profile.budgets) + _size_failures(candidate, ctx.profile))
     return kept, sessions, failures
 
 
@@ -262,6 +269,7 @@ def _as_chosen(
     (which no choice saw), budgets checked again, golden outputs from the chosen engine."""
     from compressor.pipeline import _check_budgets
 
+    report = dict(report)  # the caller's report stays as measured, should this one be refused
     names = [spec.name for spec in result.outputs]
     original_bytes = report["original"]["bytes"]
     ratio, ratio_range = measured

@@ -4,7 +4,9 @@ input shape a fixed-shape data set allows, and our own int8 for it, chosen per n
 OpenVINO fuses int8 compute only where activations are quantized symmetrically to int8 (measured on
 an AMX Xeon, MiniLM: 0.27x of ONNX Runtime fp32 with signed activations, 0.4-0.6x with unsigned, no
 faster than its bf16), so its candidate is a QDQ graph written by ONNX Runtime's `quantize_static`
-with signed symmetric activations and per-channel weights on the Conv/MatMul/Gemm nodes. The nodes
+with signed symmetric activations and per-channel weights on the inputs of the Conv/MatMul/Gemm nodes
+(never their outputs, which float readers such as residual adds share; embedding tables stored int8,
+other float weights fp16). The nodes
 whose int8 costs most fidelity go back to float: each node's damage is measured through OpenVINO (the
 engine that will run it, which reads QDQ graphs its own way), then the fewest of the worst are left
 float so the budgets are met on the selection split.
@@ -21,6 +23,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from compressor.int8_weights import store_small_floats_fp16, store_weights_int8
 from compressor.measure import budget_failures, fidelity, run_all
 from compressor.onnx_model import preprocess, shrink_names
 from compressor.passes._int8_search import COMPUTE_OPS, CalibrationReader, smallest_passing
@@ -119,11 +122,22 @@ class _Builder:
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             calibration_cache_path=str(self.cache),
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                # inputs only: a quantized output would reach the float readers too (residual adds)
+                "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS),
+            },
         )
         if first and list(nodes) != self.nodes:
             return self._write(nodes)
-        return shrink_names(onnx.load_model(str(output))).SerializeToString()
+        quantized = onnx.load_model(str(output)) if nodes else self.model  # ORT reads [] as "every node"
+        # Embedding tables stored int8; the float nodes' weights fp16, not int8: OpenVINO would run an
+        # int8-stored weight with its own run-time int8 activations, the damage this node was kept from.
+        gathered = {node.input[0] for node in quantized.graph.node if node.op_type == "Gather"}
+        stored, _ = store_weights_int8(quantized, only=frozenset(gathered))
+        stored, _ = store_small_floats_fp16(stored)
+        return shrink_names(stored).SerializeToString()
 
 
 class _Search:

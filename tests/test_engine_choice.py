@@ -152,9 +152,10 @@ def _outlier_model() -> tuple[bytes, list[dict[str, np.ndarray]], list[dict[str,
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(4)
-    w1 = rng.normal(size=(64, 32)).astype(np.float32)
+    # weights of -1, 0 and 1: int8 storage holds them exactly, so only int8 compute can do damage
+    w1 = rng.choice([-1.0, 0.0, 1.0], size=(64, 32)).astype(np.float32)
     w1[0] = 0.0
-    w2 = rng.normal(size=(32, 10)).astype(np.float32)
+    w2 = rng.choice([-1.0, 0.0, 1.0], size=(32, 10)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"), helper.make_node("Relu", ["h"], ["r"]),
          helper.make_node("MatMul", ["r", "W2"], ["y"], name="second")],
@@ -187,7 +188,10 @@ def test_openvino_int8_leaves_float_the_node_openvino_shows_to_be_damaged(tmp_pa
 
     model_bytes, calibration, validation = _outlier_model()
     profile = load_profile("x86-vnni-gateway")
-    ctx = CompressionContext(profile, calibration, validation, tmp_path, log=lambda _line: None)
+    from compressor.tasks import TaskConfig, TaskKind, TaskSpec
+
+    tasks = TaskConfig(specs={"y": TaskSpec(TaskKind.REGRESSION)})  # judged by cosine, budget 0.99
+    ctx = CompressionContext(profile, calibration, validation, tmp_path, log=lambda _line: None, tasks=tasks)
     reference = run_all(make_session(model_bytes, profile), validation)
     options = {"inference_precision": "f32"}
     chosen = openvino_int8(onnx.load_from_string(model_bytes), ctx, reference, ["y"], [options])
