@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from compressor.int8_weights import store_small_floats_fp16, store_weights_int8
@@ -79,17 +80,12 @@ def fixed_input_shape(model: onnx.ModelProto, samples: Sequence[Samples]) -> str
 
 
 class _Builder:
-    """Writes QDQ graphs for subsets of the nodes, from one calibration of them all."""
+    """Writes QDQ graphs for subsets of the nodes: ONNX Runtime quantizes them all once, and a subset
+    is that graph with the other nodes reading their float inputs again."""
 
     def __init__(self, model: onnx.ModelProto, ctx: CompressionContext) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="openvino-int8-", dir=ctx.workdir))
-        self.model, _ = preprocess(model, self.folder)
-        self.path = self.folder / "float.onnx"
-        onnx.save_model(self.model, str(self.path))
-        self.cache = self.folder / "calibration.json"
-        self.calibration = list(ctx.calibration[:CALIBRATION_SAMPLES])
-        self.per_channel = ctx.profile.quantization.per_channel
-        self.built: dict[tuple[str, ...], bytes] = {}
+        folder = Path(tempfile.mkdtemp(prefix="openvino-int8-", dir=ctx.workdir))
+        self.model, _ = preprocess(model, folder)
         initializers = {init.name for init in self.model.graph.initializer}
         self.nodes = [
             node.name
@@ -98,46 +94,108 @@ class _Builder:
             and node.name
             and (node.op_type == "MatMul" or node.input[1] in initializers)
         ]
+        self.built: dict[tuple[str, ...], bytes] = {}
+        self.quantized = _quantize_all(self.model, self.nodes, ctx, folder) if self.nodes else self.model
 
     def build(self, nodes: Sequence[str]) -> bytes:
         """The model with int8 compute (signed symmetric activations) on `nodes`."""
         key = tuple(sorted(nodes))
         if key not in self.built:
-            self.built[key] = self._write(nodes)
+            model = _float_again(self.quantized, set(self.nodes) - set(nodes)) if nodes else self.model
+            # Embedding tables stored int8; the float nodes' weights fp16, not int8: OpenVINO would run
+            # an int8-stored weight with its own run-time int8 activations, the damage it was kept from.
+            gathered = {node.input[0] for node in model.graph.node if node.op_type == "Gather"}
+            stored, _ = store_weights_int8(model, only=frozenset(gathered))
+            stored, _ = store_small_floats_fp16(stored)
+            self.built[key] = shrink_names(stored).SerializeToString()
         return self.built[key]
 
-    def _write(self, nodes: Sequence[str]) -> bytes:
-        """ONNX Runtime's QDQ rewrite of `nodes`, calibrated on the first call."""
-        output = self.folder / "candidate.onnx"
-        first = not self.cache.exists()  # calibrate every node's tensors once, reuse for each subset
-        quantize_static(
-            str(self.path),
-            str(output),
-            CalibrationReader(self.calibration) if first else None,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(COMPUTE_OPS),
-            nodes_to_quantize=list(self.nodes if first else nodes),
-            per_channel=self.per_channel,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            calibration_cache_path=str(self.cache),
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                # inputs only: a quantized output would reach the float readers too (residual adds)
-                "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS),
-            },
-        )
-        if first and list(nodes) != self.nodes:
-            return self._write(nodes)
-        quantized = onnx.load_model(str(output)) if nodes else self.model  # ORT reads [] as "every node"
-        # Embedding tables stored int8; the float nodes' weights fp16, not int8: OpenVINO would run an
-        # int8-stored weight with its own run-time int8 activations, the damage this node was kept from.
-        gathered = {node.input[0] for node in quantized.graph.node if node.op_type == "Gather"}
-        stored, _ = store_weights_int8(quantized, only=frozenset(gathered))
-        stored, _ = store_small_floats_fp16(stored)
-        return shrink_names(stored).SerializeToString()
+
+def _quantize_all(
+    model: onnx.ModelProto, nodes: list[str], ctx: CompressionContext, folder: Path
+) -> onnx.ModelProto:
+    """ONNX Runtime's static QDQ rewrite of `nodes`: signed symmetric activations, per-channel weights."""
+    source, output = folder / "float.onnx", folder / "int8.onnx"
+    onnx.save_model(model, str(source))
+    quantize_static(
+        str(source),
+        str(output),
+        CalibrationReader(list(ctx.calibration[:CALIBRATION_SAMPLES])),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(COMPUTE_OPS),
+        nodes_to_quantize=nodes,
+        per_channel=ctx.profile.quantization.per_channel,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            # inputs only: a quantized output would reach the float readers too (residual adds)
+            "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS),
+        },
+    )
+    return onnx.load_model(str(output))
+
+
+def _float_again(quantized: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy where the nodes `names` read float inputs: the tensor before its Quantize/Dequantize pair,
+    or the dequantized weight; pairs no node reads any more are dropped."""
+    model = onnx.ModelProto()
+    model.CopyFrom(quantized)
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.name not in names:
+            continue
+        for index, tensor in enumerate(node.input):
+            dequantize = producer.get(tensor)
+            if dequantize is None or dequantize.op_type != "DequantizeLinear":
+                continue
+            source = dequantize.input[0]
+            if source in weights:
+                name = f"{tensor}_float"
+                if name not in weights:
+                    weights[name] = numpy_helper.from_array(_dequantized(dequantize, weights), name)
+                    graph.initializer.append(weights[name])
+                node.input[index] = name
+            elif source in producer and producer[source].op_type == "QuantizeLinear":
+                node.input[index] = producer[source].input[0]
+    _drop_unread(graph)
+    return model
+
+
+def _dequantized(node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> np.ndarray:
+    """The float value of a DequantizeLinear of an initializer (per-tensor or per-axis)."""
+    value = numpy_helper.to_array(weights[node.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+    zero = numpy_helper.to_array(weights[node.input[2]]).astype(np.float32) if len(node.input) > 2 else 0.0
+    if np.ndim(scale) == 1 and value.ndim > 1:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % value.ndim
+        shape = [1] * value.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
+    return ((value - zero) * scale).astype(np.float32)
+
+
+def _drop_unread(graph: onnx.GraphProto) -> None:
+    """Remove Quantize/DequantizeLinear nodes nothing reads, then the initializers nothing reads."""
+    while True:
+        read = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+        dead = [
+            n
+            for n in graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in read
+        ]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in read]:
+        graph.initializer.remove(init)
 
 
 class _Search:
@@ -183,35 +241,32 @@ def _passes(search: _Search, builder: _Builder, ranking: list[str], count: int) 
 def openvino_int8(
     model: onnx.ModelProto, ctx: CompressionContext, reference: list[list[np.ndarray]], names: list[str],
     option_sets: Sequence[Mapping[str, str]],
-) -> tuple[bytes, str, dict[str, str]] | None:  # fmt: skip
-    """Our int8 for OpenVINO within budget on the selection split, its label and engine options: the
-    first of `option_sets` (precision hints) for which a node set meets the budgets. Each node's
-    damage is measured once, with the first. None when no set meets them or the graph cannot be written."""
+) -> list[tuple[bytes, str, dict[str, str]]]:  # fmt: skip
+    """Our int8 for OpenVINO within budget on the selection split, for each of `option_sets` (precision
+    hints) where some node set meets the budgets: bytes, label, engine options (the engine choice
+    times them). Each node's damage is measured once, with the first options that need it."""
     try:
         builder = _Builder(model, ctx)
     except (EdgeError, ValueError, RuntimeError) as exc:
         ctx.log(f"engine choice: no OpenVINO int8 candidate: {str(exc)[:200]}")
-        return None
-    total, ranking = len(builder.nodes), list[str]()
+        return []
+    total, ranking, found = len(builder.nodes), list[str](), []
     try:
         for options in option_sets if builder.nodes else ():
             search = _Search(ctx, options, reference, names)
-            if not search.failures(builder.build(builder.nodes), total):
-                return (
-                    builder.build(builder.nodes),
-                    f"our int8 for OpenVINO, {total} of {total} nodes",
-                    dict(options),
-                )
-            if not ranking:
-                ctx.log(f"  OpenVINO int8: measuring each of {total} nodes' damage through OpenVINO")
-                damage = search.damage(builder)
-                ranking = sorted(builder.nodes, key=lambda name: (-damage[name], name))  # most damaging first
-            count = smallest_passing(total - 1, functools.partial(_passes, search, builder, ranking))
+            count: int | None = 0
+            if search.failures(builder.build(builder.nodes), total):
+                if not ranking:
+                    ctx.log(f"  OpenVINO int8: measuring each of {total} nodes' damage through OpenVINO")
+                    damage = search.damage(builder)
+                    ranking = sorted(builder.nodes, key=lambda name: (-damage[name], name))  # worst first
+                count = smallest_passing(total - 1, functools.partial(_passes, search, builder, ranking))
             if count is not None:
+                chosen = ranking[count:] if ranking else builder.nodes
                 label = f"our int8 for OpenVINO, {total - count} of {total} nodes"
-                return builder.build(ranking[count:]), label, dict(options)
+                found.append((builder.build(chosen), label, dict(options)))
     except EdgeError as exc:
         ctx.log(f"engine choice: OpenVINO cannot run our int8: {str(exc)[:200]}")
-        return None
-    ctx.log("engine choice: no OpenVINO int8 node set meets the budgets")
-    return None
+    if builder.nodes and not found:
+        ctx.log("engine choice: no OpenVINO int8 node set meets the budgets")
+    return found
