@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from compressor.int8_weights import store_small_floats_fp16, store_weights_int8
@@ -101,7 +100,11 @@ class _Builder:
         """The model with int8 compute (signed symmetric activations) on `nodes`."""
         key = tuple(sorted(nodes))
         if key not in self.built:
-            model = _float_again(self.quantized, set(self.nodes) - set(nodes)) if nodes else self.model
+            model = (
+                _float_again(self.quantized, self.model, set(self.nodes) - set(nodes))
+                if nodes
+                else self.model
+            )
             # Embedding tables stored int8; the float nodes' weights fp16, not int8: OpenVINO would run
             # an int8-stored weight with its own run-time int8 activations, the damage it was kept from.
             gathered = {node.input[0] for node in model.graph.node if node.op_type == "Gather"}
@@ -138,13 +141,15 @@ def _quantize_all(
     return onnx.load_model(str(output))
 
 
-def _float_again(quantized: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+def _float_again(quantized: onnx.ModelProto, original: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     """A copy where the nodes `names` read float inputs: the tensor before its Quantize/Dequantize pair,
-    or the dequantized weight; pairs no node reads any more are dropped."""
+    or their original float weight; pairs no node reads any more are dropped."""
     model = onnx.ModelProto()
     model.CopyFrom(quantized)
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
+    originals = {node.name: node for node in original.graph.node}
+    float_weights = {init.name: init for init in original.graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         if node.name not in names:
@@ -154,30 +159,16 @@ def _float_again(quantized: onnx.ModelProto, names: set[str]) -> onnx.ModelProto
             if dequantize is None or dequantize.op_type != "DequantizeLinear":
                 continue
             source = dequantize.input[0]
-            if source in weights:
-                name = f"{tensor}_float"
+            if source in weights and node.name in originals:
+                name = originals[node.name].input[index]
                 if name not in weights:
-                    weights[name] = numpy_helper.from_array(_dequantized(dequantize, weights), name)
-                    graph.initializer.append(weights[name])
+                    weights[name] = float_weights[name]
+                    graph.initializer.append(float_weights[name])
                 node.input[index] = name
             elif source in producer and producer[source].op_type == "QuantizeLinear":
                 node.input[index] = producer[source].input[0]
     _drop_unread(graph)
     return model
-
-
-def _dequantized(node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> np.ndarray:
-    """The float value of a DequantizeLinear of an initializer (per-tensor or per-axis)."""
-    value = numpy_helper.to_array(weights[node.input[0]]).astype(np.float32)
-    scale = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-    zero = numpy_helper.to_array(weights[node.input[2]]).astype(np.float32) if len(node.input) > 2 else 0.0
-    if np.ndim(scale) == 1 and value.ndim > 1:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % value.ndim
-        shape = [1] * value.ndim
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-        zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
-    return ((value - zero) * scale).astype(np.float32)
 
 
 def _drop_unread(graph: onnx.GraphProto) -> None:
