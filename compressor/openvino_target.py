@@ -235,7 +235,8 @@ def openvino_int8(
 ) -> list[tuple[bytes, str, dict[str, str]]]:  # fmt: skip
     """Our int8 for OpenVINO within budget on the selection split, for each of `option_sets` (precision
     hints) where some node set meets the budgets: bytes, label, engine options (the engine choice
-    times them). Each node's damage is measured once, with the first options that need it."""
+    times them); at bf16 the float graph with fp16-stored weights too. Each node's damage is measured
+    once, with the first options that need it."""
     try:
         builder = _Builder(model, ctx)
     except (EdgeError, ValueError, RuntimeError) as exc:
@@ -245,6 +246,11 @@ def openvino_int8(
     try:
         for options in option_sets if builder.nodes else ():
             search = _Search(ctx, options, reference, names)
+            if options.get("inference_precision") == "bf16" and not search.failures(builder.build([]), 0):
+                # bf16 compute on the float graph (weights stored fp16, embeddings int8) is a candidate
+                found.append(
+                    (builder.build([]), "our float graph for OpenVINO (fp16 weights)", dict(options))
+                )
             count: int | None = 0
             if search.failures(builder.build(builder.nodes), total):
                 if not ranking:
