@@ -1,7 +1,9 @@
 """Engine choice by measurement (issue 14): for a profile that lists several engines, run the
-compressed ONNX artifact through each one installed here, add OpenVINO's own int8 route (NNCF
-post-training quantization, ONNX in and QDQ ONNX out, with the weights our sensitivity analysis kept
-in float as its ignored scope), and keep the fastest candidate whose task metrics meet the budgets.
+compressed ONNX artifact through each one installed here, add OpenVINO's own candidates (our int8 for
+it, its nodes chosen through OpenVINO, and the float graph at bf16: compressor/openvino_target.py; NNCF's
+post-training int8 with our sensitive weights as its ignored scope when `nncf` is installed), compiled
+for the data's one input shape when they have one, and keep the fastest candidate whose task metrics
+and size meet the budgets.
 
 Every choice is made on the selection split and timed interleaved against the original model on
 ONNX Runtime, in repeated runs; the profile's preferred engine (the first listed) is left only for a
