@@ -176,16 +176,21 @@ def _row(candidate: EngineCandidate, timing: Any, index: int, failures: list[str
     }
 
 
-def _pick(candidates: list[EngineCandidate], timing: Any, ok: list[bool]) -> int:
-    """Index of the chosen candidate: the preferred one (0) unless another meets the budgets and is
-    faster than it by MARGIN in every timing run; then the fastest such by median."""
+def _ranked(candidates: list[EngineCandidate], timing: Any, ok: list[bool]) -> list[int]:
+    """Indexes of the candidates that meet the budgets and are faster than the preferred one (0) by
+    MARGIN in every timing run, fastest (by median) first."""
     preferred = timing.per_run[0]
     better = [
         index
         for index in range(1, len(candidates))
         if ok[index] and all(c < MARGIN * p for c, p in zip(timing.per_run[index], preferred, strict=True))
     ]
-    return min(better, key=lambda index: timing.ratios[index]) if better else 0
+    return sorted(better, key=lambda index: timing.ratios[index])
+
+
+def _pick(candidates: list[EngineCandidate], timing: Any, ok: list[bool]) -> int:
+    """Index of the chosen candidate: the fastest of `_ranked`, else the preferred one (0)."""
+    return (_ranked(candidates, timing, ok) or [0])[0]
 
 
 def _size_failures(candidate: EngineCandidate, profile: DeviceProfile) -> list[str]:
@@ -234,30 +239,40 @@ def choose_engine(result: Any, original: onnx.ModelProto, ctx: CompressionContex
     if len(kept) < 2 or kept[0] is not candidates[0]:
         return dataclasses.replace(result, engine=preferred)
     timing = timed_ratios(reference, sessions, dict(ctx.validation[0]))
-    chosen = _pick(kept, timing, [not f for f in failures])
     rows = [_row(c, timing, i, failures[i]) for i, c in enumerate(kept)]
-    rows[chosen]["chosen"] = True
-    pick = kept[chosen]
+    order = _ranked(kept, timing, [not f for f in failures])
+    if kept[0].engine is not Engine.ONNXRUNTIME:  # not what the pipeline validated: judged here too
+        order.append(0)
+    refused: dict[str, list[str]] = {}
+    for chosen in order:  # the report split may refuse what the selection split chose: the next one
+        pick = kept[chosen]
+        rows[chosen]["chosen"] = True
+        choice = {"engine": str(pick.engine), "margin": MARGIN, "candidates": rows}
+        report = {
+            **result.report,
+            "engine_choice": {**choice, **({"refused_on_report_split": refused} if refused else {})},
+        }
+        measured = (timing.ratios[chosen], timing.ranges[chosen])
+        outcome = _as_chosen(result, pick, sessions[chosen], reference, held, ctx, report, measured)
+        if outcome.budgets_met or chosen == 0:
+            ctx.log(
+                f"engine choice: {DISPLAY[pick.engine]} ({pick.label}), {measured[0]:.2f}x of the original"
+            )
+            return outcome
+        rows[chosen]["chosen"] = False
+        refused[pick.label] = list(outcome.report["budgets"]["failures"])
+        ctx.log(
+            f"engine choice: {DISPLAY[pick.engine]} ({pick.label}) misses the budgets on the report split"
+        )
+    rows[0]["chosen"] = True
     ctx.log(
-        f"engine choice: {DISPLAY[pick.engine]} ({pick.label}), {timing.ratios[chosen]:.2f}x of the original"
+        f"engine choice: {DISPLAY[kept[0].engine]} ({kept[0].label}), {timing.ratios[0]:.2f}x of the original"
     )
+    choice = {"engine": preferred, "margin": MARGIN, "candidates": rows}
     report = {
         **result.report,
-        "engine_choice": {"engine": str(pick.engine), "margin": MARGIN, "candidates": rows},
+        "engine_choice": {**choice, **({"refused_on_report_split": refused} if refused else {})},
     }
-    if chosen == 0 and pick.engine is Engine.ONNXRUNTIME:  # what the pipeline measured already
-        return dataclasses.replace(result, engine=str(pick.engine), report=report)
-    measured = (timing.ratios[chosen], timing.ranges[chosen])
-    outcome = _as_chosen(result, pick, sessions[chosen], reference, held, ctx, report, measured)
-    if outcome.budgets_met or not result.budgets_met or candidates[0].engine is not Engine.ONNXRUNTIME:
-        return outcome
-    # The selection split chose it, the report split refuses it: keep what the pipeline validated.
-    rows[chosen]["chosen"], rows[0]["chosen"] = False, True
-    ctx.log(
-        f"engine choice: {DISPLAY[pick.engine]} misses the budgets on the report split; keeping ONNX Runtime"
-    )
-    report["engine_choice"] = {**report["engine_choice"], "engine": preferred,
-                               "refused_on_report_split": outcome.report["budgets"]["failures"]}  # fmt: skip
     return dataclasses.replace(result, engine=preferred, report=report)
 
 

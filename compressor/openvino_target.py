@@ -26,7 +26,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from compressor.int8_weights import store_small_floats_fp16, store_weights_int8
 from compressor.measure import budget_failures, fidelity, run_all
 from compressor.onnx_model import preprocess, shrink_names
-from compressor.passes._int8_search import COMPUTE_OPS, CalibrationReader, smallest_passing
+from compressor.passes._int8_search import COMPUTE_OPS, CalibrationReader, smallest_passing, tightened
 from compressor.passes.base import CompressionContext, Samples
 from edge_runtime.artifact.manifest import Manifest
 from edge_runtime.config.profiles import DeviceProfile
@@ -38,6 +38,9 @@ __all__ = ["OpenvinoSession", "fixed_input_shape", "openvino_int8"]
 PROBE_SAMPLES = 4
 """Selection samples each node's damage is measured on."""
 CALIBRATION_SAMPLES = 64
+SLACK_SHARE = 0.5
+"""Share of each budget's slack a node set may use on the selection split (the fewest float nodes that
+fit the full budget there missed it on the report split: detector cosine 0.996 -> 0.970)."""
 
 
 class OpenvinoSession:
@@ -206,7 +209,7 @@ class _Search:
         """The budgets the candidate (int8 on `count` nodes) misses on the whole selection split."""
         result = fidelity(self.reference, self.outputs(model_bytes, self.ctx.validation), self.ctx.labels,
                           names=self.names, tasks=self.ctx.tasks)  # fmt: skip
-        failures = budget_failures(result, self.ctx.profile.budgets)
+        failures = budget_failures(result, tightened(self.ctx.profile.budgets, SLACK_SHARE))
         precision = self.options.get("inference_precision", "f32")
         self.ctx.log(f"  OpenVINO int8 ({precision}) on {count} nodes: cosine {result.cosine:.4f}"
                      + (f", misses the budget ({failures[0]})" if failures else ""))  # fmt: skip
