@@ -1,7 +1,9 @@
 """Engine choice by measurement (issue 14): for a profile that lists several engines, run the
-compressed ONNX artifact through each one installed here, add OpenVINO's own int8 route (NNCF
-post-training quantization, ONNX in and QDQ ONNX out, with the weights our sensitivity analysis kept
-in float as its ignored scope), and keep the fastest candidate whose task metrics meet the budgets.
+compressed ONNX artifact through each one installed here, add OpenVINO's own candidates (our int8 for
+it, its nodes chosen through OpenVINO, and the float graph at bf16: compressor/openvino_target.py; NNCF's
+post-training int8 with our sensitive weights as its ignored scope when `nncf` is installed), compiled
+for the data's one input shape when they have one, and keep the fastest candidate whose task metrics
+and size meet the budgets.
 
 Every choice is made on the selection split and timed interleaved against the original model on
 ONNX Runtime, in repeated runs; the profile's preferred engine (the first listed) is left only for a
@@ -24,9 +26,9 @@ import onnx
 
 from compressor.data import Dataset
 from compressor.measure import budget_failures, fidelity, make_session, run_all, timed_ratios
+from compressor.openvino_target import OpenvinoSession, fixed_input_shape, openvino_int8
 from compressor.passes.base import CompressionContext
 from edge_runtime.artifact.golden import GoldenCase
-from edge_runtime.artifact.manifest import Manifest
 from edge_runtime.config.profiles import DeviceProfile, Engine
 from edge_runtime.core.errors import EdgeError
 
@@ -50,25 +52,6 @@ class EngineCandidate:
     model_bytes: bytes
     engine_options: dict[str, str] = dataclasses.field(default_factory=dict)
     session_config: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-class _OpenvinoSession:
-    """Our OpenVINO engine behind the `run(None, feed) -> list` call the measurements use."""
-
-    def __init__(self, candidate: EngineCandidate, profile: DeviceProfile) -> None:
-        from edge_runtime.engines.openvino import OpenvinoBackend
-
-        manifest = Manifest(
-            name="candidate", version="1", profile=profile.name, engine=str(candidate.engine),
-            model_file="model.onnx", inputs=(), outputs=(), files={},
-            engine_options=dict(candidate.engine_options),
-        )  # fmt: skip
-        self._backend = OpenvinoBackend.load(manifest, candidate.model_bytes, profile)
-        self.precision = self._backend.precision
-
-    def run(self, _names: object, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = self._backend.run(dict(feed))
-        return [outputs[spec.name] for spec in self._backend.outputs]
 
 
 def installed_engines(profile: DeviceProfile, artifact_format: str) -> list[Engine]:
@@ -124,26 +107,47 @@ def _nncf_candidate(
     )
 
 
-def engine_candidates(
-    result: Any, original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]]
-) -> list[EngineCandidate]:
-    """Our artifact in each installed engine (OpenVINO at f32, and bf16 where the CPU has it), then
-    NNCF's int8 in OpenVINO; the profile's preferred engine comes first."""
-    engines = installed_engines(ctx.profile, result.artifact_format)
-    out: list[EngineCandidate] = []
-    for engine in engines:
-        if engine is Engine.OPENVINO:
-            out.append(
-                EngineCandidate(
-                    engine, "our artifact, f32", result.model_bytes, {"inference_precision": "f32"}
-                )
+def _openvino_candidates(
+    result: Any, original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]],
+    reference: list[list[np.ndarray]],
+) -> list[EngineCandidate]:  # fmt: skip
+    """Our artifact at f32 (and bf16 where the CPU has it), our int8 chosen through OpenVINO, and NNCF's
+    int8 when installed; all compiled for the data's one input shape when they have one."""
+    static = fixed_input_shape(original, (ctx.calibration, ctx.validation))
+    shape = {"static_shape": static} if static else {}
+    precision = "bf16" if _openvino_has_bf16() else "f32"
+    out = [EngineCandidate(Engine.OPENVINO, "our artifact, f32", result.model_bytes,
+                           {"inference_precision": "f32", **shape})]  # fmt: skip
+    if precision == "bf16":
+        out.append(EngineCandidate(Engine.OPENVINO, "our artifact, bf16", result.model_bytes,
+                                   {"inference_precision": "bf16", **shape}))  # fmt: skip
+    names = [spec.name for spec in result.outputs]
+    # int8 beside bf16 and beside f32 differ in speed and fidelity: both are built, both timed
+    option_sets = [{"inference_precision": wanted, **shape} for wanted in dict.fromkeys((precision, "f32"))]
+    for model_bytes, label, options in openvino_int8(original, ctx, reference, names, option_sets):
+        out.append(
+            EngineCandidate(
+                Engine.OPENVINO, f"{label}, {options['inference_precision']}", model_bytes, options
             )
-            if _openvino_has_bf16():
-                out.append(EngineCandidate(engine, "our artifact, bf16", result.model_bytes,
-                                           {"inference_precision": "bf16"}))  # fmt: skip
-            nncf_candidate = _nncf_candidate(original, ctx, reports)
-            if nncf_candidate is not None:
-                out.append(nncf_candidate)
+        )
+    nncf_candidate = _nncf_candidate(original, ctx, reports)
+    if nncf_candidate is not None:
+        out.append(
+            dataclasses.replace(nncf_candidate, engine_options={**nncf_candidate.engine_options, **shape})
+        )
+    return out
+
+
+def engine_candidates(
+    result: Any, original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]],
+    reference: list[list[np.ndarray]],
+) -> list[EngineCandidate]:  # fmt: skip
+    """Our artifact in each installed engine, OpenVINO's own candidates after it; the profile's
+    preferred engine comes first."""
+    out: list[EngineCandidate] = []
+    for engine in installed_engines(ctx.profile, result.artifact_format):
+        if engine is Engine.OPENVINO:
+            out += _openvino_candidates(result, original, ctx, reports, reference)
         else:
             out.append(
                 EngineCandidate(engine, "our artifact", result.model_bytes, {}, dict(result.session_config))
@@ -154,7 +158,7 @@ def engine_candidates(
 def _session(candidate: EngineCandidate, profile: DeviceProfile) -> Any:
     """The candidate loaded as the device would load it."""
     if candidate.engine is Engine.OPENVINO:
-        return _OpenvinoSession(candidate, profile)
+        return OpenvinoSession(candidate.model_bytes, candidate.engine_options, profile)
     return make_session(candidate.model_bytes, profile, candidate.session_config)
 
 
@@ -172,16 +176,28 @@ def _row(candidate: EngineCandidate, timing: Any, index: int, failures: list[str
     }
 
 
-def _pick(candidates: list[EngineCandidate], timing: Any, ok: list[bool]) -> int:
-    """Index of the chosen candidate: the preferred one (0) unless another meets the budgets and is
-    faster than it by MARGIN in every timing run; then the fastest such by median."""
+def _ranked(candidates: list[EngineCandidate], timing: Any, ok: list[bool]) -> list[int]:
+    """Indexes of the candidates that meet the budgets and are faster than the preferred one (0) by
+    MARGIN in every timing run, fastest (by median) first."""
     preferred = timing.per_run[0]
     better = [
         index
         for index in range(1, len(candidates))
         if ok[index] and all(c < MARGIN * p for c, p in zip(timing.per_run[index], preferred, strict=True))
     ]
-    return min(better, key=lambda index: timing.ratios[index]) if better else 0
+    return sorted(better, key=lambda index: timing.ratios[index])
+
+
+def _pick(candidates: list[EngineCandidate], timing: Any, ok: list[bool]) -> int:
+    """Index of the chosen candidate: the fastest of `_ranked`, else the preferred one (0)."""
+    return (_ranked(candidates, timing, ok) or [0])[0]
+
+
+def _size_failures(candidate: EngineCandidate, profile: DeviceProfile) -> list[str]:
+    """The model-size budget, when the candidate misses it."""
+    limit = profile.budgets.max_model_bytes
+    size = len(candidate.model_bytes)
+    return [f"model is {size} bytes, over the {limit}-byte budget"] if size > limit else []
 
 
 def _measured(
@@ -203,46 +219,60 @@ def _measured(
         result = fidelity(ref_outputs, outputs, ctx.labels, names=names, tasks=ctx.tasks)
         kept.append(candidate)
         sessions.append(session)
-        failures.append(budget_failures(result, ctx.profile.budgets))
+        failures.append(budget_failures(result, ctx.profile.budgets) + _size_failures(candidate, ctx.profile))
     return kept, sessions, failures
 
 
 def choose_engine(result: Any, original: onnx.ModelProto, ctx: CompressionContext, held: Dataset) -> Any:
     """`result` for the engine that measured best within budget, with the choice in its report."""
-    candidates = engine_candidates(result, original, ctx, result.report.get("passes", ()))
-    preferred = str(candidates[0].engine if candidates else ctx.profile.runtime.engine)
-    if len(candidates) < 2:
+    engines = installed_engines(ctx.profile, result.artifact_format)
+    preferred = str(engines[0] if engines else ctx.profile.runtime.engine)
+    if len(engines) < 2 and Engine.OPENVINO not in engines:
         return dataclasses.replace(result, engine=preferred)
     names = [spec.name for spec in result.outputs]
     reference = make_session(original.SerializeToString(), ctx.profile)
-    kept, sessions, failures = _measured(candidates, ctx, run_all(reference, ctx.validation), names)
+    ref_outputs = run_all(reference, ctx.validation)
+    candidates = engine_candidates(result, original, ctx, result.report.get("passes", ()), ref_outputs)
+    if len(candidates) < 2:
+        return dataclasses.replace(result, engine=preferred)
+    kept, sessions, failures = _measured(candidates, ctx, ref_outputs, names)
     if len(kept) < 2 or kept[0] is not candidates[0]:
         return dataclasses.replace(result, engine=preferred)
     timing = timed_ratios(reference, sessions, dict(ctx.validation[0]))
-    chosen = _pick(kept, timing, [not f for f in failures])
     rows = [_row(c, timing, i, failures[i]) for i, c in enumerate(kept)]
-    rows[chosen]["chosen"] = True
-    pick = kept[chosen]
+    order = _ranked(kept, timing, [not f for f in failures])
+    if kept[0].engine is not Engine.ONNXRUNTIME:  # not what the pipeline validated: judged here too
+        order.append(0)
+    refused: dict[str, list[str]] = {}
+    for chosen in order:  # the report split may refuse what the selection split chose: the next one
+        pick = kept[chosen]
+        rows[chosen]["chosen"] = True
+        choice = {"engine": str(pick.engine), "margin": MARGIN, "candidates": rows}
+        report = {
+            **result.report,
+            "engine_choice": {**choice, **({"refused_on_report_split": refused} if refused else {})},
+        }
+        measured = (timing.ratios[chosen], timing.ranges[chosen])
+        outcome = _as_chosen(result, pick, sessions[chosen], reference, held, ctx, report, measured)
+        if outcome.budgets_met or chosen == 0:
+            ctx.log(
+                f"engine choice: {DISPLAY[pick.engine]} ({pick.label}), {measured[0]:.2f}x of the original"
+            )
+            return outcome
+        rows[chosen]["chosen"] = False
+        refused[pick.label] = list(outcome.report["budgets"]["failures"])
+        ctx.log(
+            f"engine choice: {DISPLAY[pick.engine]} ({pick.label}) misses the budgets on the report split"
+        )
+    rows[0]["chosen"] = True
     ctx.log(
-        f"engine choice: {DISPLAY[pick.engine]} ({pick.label}), {timing.ratios[chosen]:.2f}x of the original"
+        f"engine choice: {DISPLAY[kept[0].engine]} ({kept[0].label}), {timing.ratios[0]:.2f}x of the original"
     )
+    choice = {"engine": preferred, "margin": MARGIN, "candidates": rows}
     report = {
         **result.report,
-        "engine_choice": {"engine": str(pick.engine), "margin": MARGIN, "candidates": rows},
+        "engine_choice": {**choice, **({"refused_on_report_split": refused} if refused else {})},
     }
-    if chosen == 0 and pick.engine is Engine.ONNXRUNTIME:  # what the pipeline measured already
-        return dataclasses.replace(result, engine=str(pick.engine), report=report)
-    measured = (timing.ratios[chosen], timing.ranges[chosen])
-    outcome = _as_chosen(result, pick, sessions[chosen], reference, held, ctx, report, measured)
-    if outcome.budgets_met or not result.budgets_met or candidates[0].engine is not Engine.ONNXRUNTIME:
-        return outcome
-    # The selection split chose it, the report split refuses it: keep what the pipeline validated.
-    rows[chosen]["chosen"], rows[0]["chosen"] = False, True
-    ctx.log(
-        f"engine choice: {DISPLAY[pick.engine]} misses the budgets on the report split; keeping ONNX Runtime"
-    )
-    report["engine_choice"] = {**report["engine_choice"], "engine": preferred,
-                               "refused_on_report_split": outcome.report["budgets"]["failures"]}  # fmt: skip
     return dataclasses.replace(result, engine=preferred, report=report)
 
 
@@ -254,6 +284,7 @@ def _as_chosen(
     (which no choice saw), budgets checked again, golden outputs from the chosen engine."""
     from compressor.pipeline import _check_budgets
 
+    report = dict(report)  # the caller's report stays as measured, should this one be refused
     names = [spec.name for spec in result.outputs]
     original_bytes = report["original"]["bytes"]
     ratio, ratio_range = measured

@@ -87,9 +87,22 @@ def test_equal_timings_keep_onnx_runtime_and_report_every_candidate(tmp_path: Pa
         ("onnxruntime", "our artifact"),
         ("openvino", "our artifact, f32"),
     ]
-    assert all(r["latency_ratio"] == 1.0 for r in rows) and rows[0]["budgets_met"] and rows[1]["budgets_met"]
-    # bf16 (where the CPU has it) and NNCF's int8 (when installed) are measured like the others
-    assert all(r["engine"] == "openvino" and ("bf16" in r["label"] or "NNCF" in r["label"]) for r in rows[2:])
+    assert all(r["latency_ratio"] == 1.0 for r in rows) and all(r["budgets_met"] for r in rows[:2])
+    labels = [r["label"] for r in rows[2:] if "NNCF" not in r["label"]]  # NNCF's int8 when installed
+    bf16 = "BF16" in require_module("openvino", OPENVINO_EXTRA).Core().get_property(
+        "CPU", "OPTIMIZATION_CAPABILITIES"
+    )
+    assert labels[: int(bf16)] == ["our artifact, bf16"][: int(bf16)]
+    # our own int8 for OpenVINO, its nodes chosen through OpenVINO, within the budgets
+    int8 = [label for label in labels[int(bf16) :] if not label.startswith("our float graph for OpenVINO")]
+    assert all(label.startswith("our int8 for OpenVINO, ") for label in int8)
+    precisions = [label.rsplit(", ", 1)[1] for label in int8]
+    assert precisions[-1:] == ["f32"] and set(precisions) <= {
+        "bf16",
+        "f32",
+    }  # (bf16 int8 may miss the budgets)
+    # the data had one shape: every OpenVINO candidate is compiled for it
+    assert all(r["engine_options"]["static_shape"] == f"{INPUT_NAME}=1,64" for r in rows[1:])
 
 
 def test_openvino_chosen_when_faster_in_every_run_then_served(
@@ -106,22 +119,25 @@ def test_openvino_chosen_when_faster_in_every_run_then_served(
     monkeypatch.setattr("compressor.measure.compare_latency", lambda s, f, **_: dict.fromkeys(s, 1.0))
     monkeypatch.setattr("compressor.engine_choice.timed_ratios", openvino_faster)
     result = _compress(tmp_path)
-    assert result.engine == "openvino" and result.engine_options == {"inference_precision": "f32"}
+    options = {"inference_precision": "f32", "static_shape": f"{INPUT_NAME}=1,64"}
+    assert result.engine == "openvino" and result.engine_options == options
     assert result.report["compressed"]["engine"] == "openvino" and result.report["budgets"]["met"]
     bundle_path = tmp_path / "mlp-ov.edgebundle"
     write_result_bundle(result, bundle_path, name="mlp-ov", version="1", profile=load_profile("x86-vnni-gateway"),
                         private_key=signing_keys.private_key)  # fmt: skip
     bundle = read_bundle(bundle_path, signing_keys.public_key)
     assert bundle.manifest.engine == "openvino"
-    assert bundle.manifest.engine_options == {"inference_precision": "f32"}
-    assert json.loads(bundle.manifest.to_json())["engine_options"] == {"inference_precision": "f32"}
+    assert bundle.manifest.engine_options == options
+    assert json.loads(bundle.manifest.to_json())["engine_options"] == options
     backend = load_backend(bundle.manifest, bundle.model_bytes, load_profile("x86-vnni-gateway"))
     assert run_selftest(backend.run, result.golden, result.golden_spec).passed
+    assert [spec.shape for spec in backend.static_inputs] == [(1, 64)]  # compiled as the compressor measured
 
     store, port = tmp_path / "store", free_port()
     install(store, signing_keys.public_path, [bundle_path])
     config = write_daemon_config(tmp_path / "edge.toml", device_id=DEVICE, store=store,
                                  public_key=signing_keys.public_path, mqtt_port=broker.port, http_port=port)  # fmt: skip
+    # a batch of 2 where the data had 1: the device compiles once more for it, and answers right
     x = np.random.default_rng(3).normal(size=(2, 64)).astype(np.float32)
     expected = reference_forward(WEIGHTS, x)
     with serving(config, tmp_path, str(ROOT)):
@@ -133,3 +149,79 @@ def test_openvino_chosen_when_faster_in_every_run_then_served(
         assert (got.argmax(-1) == expected.argmax(-1)).all()
         np.testing.assert_allclose(got, expected, atol=0.05)
     assert OUTPUT_NAME in result.report["compressed"]["fidelity"]["tasks"][0]["output"]
+
+
+def _outlier_model() -> tuple[bytes, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """x -> MatMul W1 -> Relu -> MatMul W2, where feature 0 of x is ~500 but carries no weight: int8
+    activations on the first MatMul (one scale for the whole tensor) round every other feature to 0,
+    while the second MatMul's input quantizes well. Returns the model and two data splits."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    # weights of -1, 0 and 1: int8 storage holds them exactly, so only int8 compute can do damage
+    w1 = rng.choice([-1.0, 0.0, 1.0], size=(64, 32)).astype(np.float32)
+    w1[0] = 0.0
+    w2 = rng.choice([-1.0, 0.0, 1.0], size=(32, 10)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["y"], name="second")],
+        "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+
+    def split(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+        generator = np.random.default_rng(seed)
+        feeds = []
+        for _ in range(count):
+            x = generator.normal(size=(1, 64)).astype(np.float32)
+            x[0, 0] = 500.0
+            feeds.append({"x": x})
+        return feeds
+
+    return model.SerializeToString(), split(16, 1), split(16, 2)
+
+
+def test_openvino_int8_leaves_float_the_node_openvino_shows_to_be_damaged(tmp_path: Path) -> None:
+    require_module("openvino", OPENVINO_EXTRA)
+    import onnx
+
+    from compressor.measure import fidelity, make_session, run_all
+    from compressor.openvino_target import OpenvinoSession, openvino_int8
+    from compressor.passes.base import CompressionContext
+
+    model_bytes, calibration, validation = _outlier_model()
+    profile = load_profile("x86-vnni-gateway")
+    from compressor.tasks import TaskConfig, TaskKind, TaskSpec
+
+    tasks = TaskConfig(specs={"y": TaskSpec(TaskKind.REGRESSION)})  # judged by cosine, budget 0.99
+    ctx = CompressionContext(profile, calibration, validation, tmp_path, log=lambda _line: None, tasks=tasks)
+    reference = run_all(make_session(model_bytes, profile), validation)
+    options = {"inference_precision": "f32"}
+    chosen = openvino_int8(onnx.load_from_string(model_bytes), ctx, reference, ["y"], [options])
+    assert len(chosen) == 1
+    int8_bytes, label, chosen_options = chosen[0]
+    assert chosen_options == options
+    assert label == "our int8 for OpenVINO, 1 of 2 nodes"
+    graph = onnx.load_from_string(int8_bytes).graph
+    dequantized = [node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"]
+    # Int8 compute stayed on the second MatMul only: the first reads x itself, not a dequantized x
+    matmul_inputs = [list(node.input) for node in graph.node if node.op_type == "MatMul"]
+    assert "x" in matmul_inputs[0] and all(name in dequantized for name in matmul_inputs[1])
+    outputs = run_all(OpenvinoSession(int8_bytes, options, profile), validation)
+    assert fidelity(reference, outputs).cosine >= profile.budgets.min_output_cosine
+
+
+def test_one_data_shape_gives_a_static_shape_option_and_mixed_shapes_none() -> None:
+    import onnx
+
+    from compressor.openvino_target import fixed_input_shape
+
+    model = onnx.load_from_string(build_onnx_mlp(WEIGHTS))
+    assert fixed_input_shape(model, (_data(3, 1), _data(2, 2))) == f"{INPUT_NAME}=1,64"
+    mixed = [*_data(2, 1), {INPUT_NAME: np.zeros((2, 64), np.float32)}]
+    assert fixed_input_shape(model, (mixed,)) == ""
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # already static: nothing to fix
+    assert fixed_input_shape(model, (_data(3, 1),)) == ""

@@ -181,3 +181,43 @@ def test_a_scalar_input_stays_a_scalar(openvino, device_profile) -> None:
     np.testing.assert_array_equal(out, np.full((3, 2), 16000.0, np.float32))
     with pytest.raises(RequestError, match=r"input 'sr' has shape \[1\], the model takes \[\]"):
         backend.run({"x": x, "sr": np.array([16000], np.int64)})
+
+
+def test_static_shape_compiles_for_it_and_another_shape_still_gets_the_right_answer(
+    openvino, device_profile
+) -> None:
+    backend = load_backend(
+        openvino_manifest(static_shape="input=2,64"), build_onnx_mlp(WEIGHTS), device_profile
+    )
+    assert backend.static_inputs == (TensorSpec(INPUT_NAME, "float32", (2, 64)),)
+    assert backend.inputs[0].shape == ("?", 64)  # what the daemon advertises: the model's own shape
+    x = batch(2, seed=7)
+    np.testing.assert_allclose(
+        backend.run({INPUT_NAME: x})[OUTPUT_NAME], reference_forward(WEIGHTS, x), atol=1e-5
+    )
+    assert backend.compiled_models == 1
+    other = batch(5, seed=8)  # not the compiled shape: compiled once more for every shape, then answered
+    np.testing.assert_allclose(
+        backend.run({INPUT_NAME: other})[OUTPUT_NAME], reference_forward(WEIGHTS, other), atol=1e-5
+    )
+    assert backend.compiled_models == 2
+    with pytest.raises(RequestError, match=r"input 'input' has shape \[2, 63\]"):
+        backend.run({INPUT_NAME: np.zeros((2, 63), np.float32)})
+    backend.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("input=2,x", "static_shape 'input=2,x' is not NAME=D1,D2"),
+        ("input", "static_shape 'input' is not NAME=D1,D2"),
+        ("input=2,-1", "non-negative integer dimensions"),
+        ("pixels=1,64", "static_shape names pixels, not an input of the model"),
+        ("input=2,65", r"static_shape input=\[2, 65\] does not fit the model's input shape"),
+        ("input=2,64,1", r"static_shape input=\[2, 64, 1\] does not fit"),
+    ],
+    ids=["not-a-number", "no-shape", "negative", "unknown-input", "fixed-dim", "rank"],
+)
+def test_a_bad_static_shape_is_refused_at_load(openvino, device_profile, value, message) -> None:
+    with pytest.raises(ModelError, match=message):
+        load_backend(openvino_manifest(static_shape=value), build_onnx_mlp(WEIGHTS), device_profile)

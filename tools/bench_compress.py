@@ -1,15 +1,19 @@
 """Benchmark: fp32 vs ONNX Runtime `quantize_static` defaults vs our compressor, on real models.
 
 Run from the repository root:  python -m tools.bench_compress [--quick] [--models digits,cls,det,rec,vad,minilm,layout]
+                                   [--engines onnxruntime,openvino]
 
-Every candidate is timed interleaved with its fp32 model in this process (batch 1, one intra-op
+Every candidate is timed interleaved with its fp32 model in ONNX Runtime in this process (batch 1, one
 thread) and judged on held-out samples the compressor never saw (it gets a separate tuning split).
+With OpenVINO installed, the fp32 model also runs through our OpenVINO engine (f32, and bf16 where the
+CPU has it), and our compressor's artifact runs through the engine it chose, with the options it chose.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import shlex
 import sys
@@ -20,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -31,6 +36,7 @@ __all__ = ["MODELS", "Candidate", "Row", "Task", "build_task", "host_description
 
 Feed = dict[str, np.ndarray]
 MODELS = ("digits", "cls", "det", "rec", "vad", "minilm", "layout")
+ENGINES = ("onnxruntime", "openvino")
 DET_THRESHOLD = 0.3
 # (calibration, tuning, evaluation) sample counts, full and --quick.
 _SPLITS = {
@@ -81,6 +87,9 @@ class Candidate:
     session_config: dict[str, str] = field(default_factory=dict)
     failure: str = ""
     seconds: float = 0.0
+    engine: str = "onnxruntime"
+    engine_options: dict[str, str] = field(default_factory=dict)
+    """What our engine reads from the bundle (OpenVINO: precision hint, static input shape)."""
 
 
 @dataclass(frozen=True)
@@ -309,9 +318,34 @@ def ours(task: Task, profile_name: str, workdir: Path, log: Callable[[str], obje
         )
     except EdgeError as exc:
         return Candidate("ours", None, failure=f"refused: {_short(exc, 200)}")
-    return Candidate(
-        "ours", result.model_bytes, dict(result.session_config), seconds=time.perf_counter() - started
+    options = dict(result.engine_options)
+    variant = "ours" if result.engine == "onnxruntime" else f"ours ({_engine_label(result.engine, options)})"
+    return Candidate(variant, result.model_bytes, dict(result.session_config),
+                     seconds=time.perf_counter() - started, engine=result.engine,
+                     engine_options=options)  # fmt: skip
+
+
+def _engine_label(engine: str, options: dict[str, str]) -> str:
+    """`OpenVINO bf16, static shape` for a table cell."""
+    name = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}.get(engine, engine)
+    parts = [options["inference_precision"]] if "inference_precision" in options else []
+    return " ".join(
+        [name, ", ".join([*parts, *(["static shape"] if "static_shape" in options else [])])]
+    ).strip()
+
+
+def openvino_fp32(task: Task) -> list[Candidate]:
+    """The fp32 model through our OpenVINO engine: f32, and bf16 where OpenVINO reports BF16 here."""
+    import openvino as ov
+
+    precisions = ["f32"] + (
+        ["bf16"] if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else []
     )
+    model = task.model_path.read_bytes()
+    return [
+        Candidate(f"fp32 (OpenVINO {p})", model, engine="openvino", engine_options={"inference_precision": p})
+        for p in precisions
+    ]
 
 
 # ---------------------------------------------------------------- measuring
@@ -331,7 +365,7 @@ def session(model: bytes | Path, config: dict[str, str] | None = None) -> ort.In
 
 
 def latency_ratio(
-    reference: ort.InferenceSession, candidate: ort.InferenceSession, feed: Feed, runs: int
+    reference: ort.InferenceSession, candidate: Any, feed: Feed, runs: int
 ) -> tuple[float, float]:
     """Median ms of the reference and candidate, timed alternately (order flips every run)."""
     pair = (reference, candidate)
@@ -348,7 +382,19 @@ def latency_ratio(
     return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
 
 
-def _outputs(s: ort.InferenceSession, feeds: Sequence[Feed], every: bool = False) -> list:
+def runner(candidate: Candidate, profile_name: str) -> Any:
+    """The candidate loaded as a device loads it: an ORT session, or our OpenVINO engine with the
+    candidate's options and the profile's threads (`run(None, feed) -> list` either way)."""
+    assert candidate.model_bytes is not None
+    if candidate.engine == "onnxruntime":
+        return session(candidate.model_bytes, candidate.session_config)
+    from compressor.openvino_target import OpenvinoSession
+    from edge_runtime.config.profiles import load_profile
+
+    return OpenvinoSession(candidate.model_bytes, candidate.engine_options, load_profile(profile_name))
+
+
+def _outputs(s: Any, feeds: Sequence[Feed], every: bool = False) -> list:
     """The first output per feed (every output, as a list per feed, when `every`)."""
     return [s.run(None, feed) if every else s.run(None, feed)[0] for feed in feeds]
 
@@ -398,16 +444,17 @@ def quality(task: Task, reference: list[np.ndarray], outputs: list[np.ndarray]) 
 
 
 def measure(
-    task: Task, candidate: Candidate, fp32: ort.InferenceSession, reference: list[np.ndarray], runs: int
-) -> Row:
+    task: Task, candidate: Candidate, fp32: ort.InferenceSession, reference: list[np.ndarray], runs: int,
+    profile_name: str = "x86-vnni-gateway",
+) -> Row:  # fmt: skip
     """Size, latency ratio and quality of one candidate, as a table row."""
     fp32_bytes = task.model_path.stat().st_size
     if candidate.model_bytes is None:
         return Row(task.name, candidate.variant, candidate.failure, "", "", "", "")
     try:
-        s = session(candidate.model_bytes, candidate.session_config)
+        s = runner(candidate, profile_name)
         outputs = _outputs(s, task.evaluation, every=task.kind is Kind.LAYOUT)
-    except Exception as exc:  # a written model ORT cannot load or run is a result too
+    except Exception as exc:  # a written model an engine cannot load or run is a result too
         return Row(task.name, candidate.variant, f"fails to load/run: {_short(exc)}", "", "", "", "")
     base_ms, cand_ms = latency_ratio(fp32, s, task.evaluation[0], runs)
     metric, agreement = quality(task, reference, outputs)
@@ -429,7 +476,10 @@ def benchmark_model(task: Task, args: argparse.Namespace, workdir: Path) -> list
     fp32 = session(task.model_path)
     reference = _outputs(fp32, task.evaluation, every=task.kind is Kind.LAYOUT)
     fp32_candidate = Candidate("fp32", task.model_path.read_bytes())
-    candidates = [fp32_candidate, ort_defaults(task, workdir, preprocess=False)]
+    candidates = [fp32_candidate]
+    if "openvino" in args.engines:
+        candidates += openvino_fp32(task)
+    candidates.append(ort_defaults(task, workdir, preprocess=False))
     if candidates[-1].model_bytes is None or _weights_in_constants(task.model_path):
         candidates.append(ort_defaults(task, workdir, preprocess=True))
     if task.kind in (Kind.RECOGNIZER, Kind.DECISION, Kind.ENCODER):  # ORT's dynamic int8 too
@@ -439,7 +489,7 @@ def benchmark_model(task: Task, args: argparse.Namespace, workdir: Path) -> list
     if not args.baseline_only:
         candidates.append(ours(task, args.profile, workdir, log))
     runs = args.runs or (60 if args.quick else 300 if task.name in ("digits", "cls") else 200)
-    return [measure(task, c, fp32, reference, runs) for c in candidates]
+    return [measure(task, c, fp32, reference, runs, args.profile) for c in candidates]
 
 
 # ---------------------------------------------------------------- output
@@ -455,8 +505,19 @@ def host_description() -> str:
                 name = value.strip()
             elif key.strip() == "flags":
                 flags = set(value.split())
-    marks = [f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx2", "avx512_vnni", "avx_vnni")]
+    wanted = ("avx2", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    marks = [f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted]
     return f"{name}; {', '.join(marks)}"
+
+
+def _versions(engines: Sequence[str]) -> str:
+    """`onnxruntime 1.32.0, openvino 2026.4.1` for the engines in use."""
+    versions = [f"onnxruntime {ort.__version__}"]
+    if "openvino" in engines:
+        import openvino as ov
+
+        versions.append(f"openvino {ov.__version__.split('-')[0]}")
+    return ", ".join(versions)
 
 
 def _table(rows: list[Row]) -> str:
@@ -474,6 +535,13 @@ def _table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _default_engines() -> list[str]:
+    """ONNX Runtime, and OpenVINO when it is installed."""
+    import importlib.util
+
+    return ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -484,8 +552,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", default="x86-vnni-gateway", help="device profile for our compressor")
     parser.add_argument("--runs", type=int, default=0, help="timing runs per candidate (default 300/200)")
     parser.add_argument("--verbose", action="store_true", help="show the compressor's log")
+    parser.add_argument(
+        "--engines", default=",".join(_default_engines()),
+        help="engines the fp32 rows run in (onnxruntime, openvino); default: both when openvino is installed",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not set(args.engines) <= set(ENGINES) or "onnxruntime" not in args.engines:
+        parser.error(f"--engines: onnxruntime and optionally openvino (got {', '.join(args.engines)})")
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
@@ -506,8 +581,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             task = build_task(name, args.quick, workdir)
             counts.append(f"{name} {len(task.calibration)}/{len(task.tuning)}/{len(task.evaluation)}")
             rows += benchmark_model(task, args, workdir)
-    print(f"host: {host_description()}; onnxruntime {ort.__version__}; profile {args.profile}")
-    print("latency: median of interleaved runs, batch 1, 1 intra-op thread; quality on held-out samples\n")
+    print(f"host: {host_description()}; {_versions(args.engines)}; profile {args.profile}")
+    one, five, fifteen = os.getloadavg()
+    print(f"load average at the end: {one:.2f}, {five:.2f}, {fifteen:.2f}")
+    print(
+        "latency: median of interleaved runs against ORT fp32, batch 1, 1 thread; quality on held-out samples\n"
+    )
     print(_table(rows))
     print(f"\nsamples (calibration / tuning, given to ours / evaluation): {'; '.join(counts)}")
     print(f"\ncommand: {command.strip()}")
