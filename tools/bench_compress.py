@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import shlex
@@ -295,8 +296,15 @@ def _weights_in_constants(path: Path) -> bool:
     return not model.graph.initializer and any(n.op_type == "Constant" for n in model.graph.node)
 
 
-def ours(task: Task, profile_name: str, workdir: Path, log: Callable[[str], object]) -> Candidate:
-    """Our compressor (`compressor.pipeline.compress`), or why it produced nothing."""
+def ours(
+    task: Task,
+    profile_name: str,
+    workdir: Path,
+    log: Callable[[str], object],
+    engines: Sequence[str] = ENGINES,
+) -> Candidate:
+    """Our compressor (`compressor.pipeline.compress`) with the profile's engines limited to
+    `engines`, or why it produced nothing."""
     started = time.perf_counter()
     try:
         from compressor.pipeline import compress
@@ -305,10 +313,17 @@ def ours(task: Task, profile_name: str, workdir: Path, log: Callable[[str], obje
         from edge_runtime.core.errors import EdgeError
     except ImportError as exc:
         return Candidate("ours", None, failure=f"not available: {_short(exc)}")
+    profile = load_profile(profile_name)
+    kept = tuple(engine for engine in profile.runtime.engines if engine in engines) or (
+        profile.runtime.engine,
+    )
+    profile = dataclasses.replace(
+        profile, runtime=dataclasses.replace(profile.runtime, engine=kept[0], engines=kept)
+    )
     try:
         result = compress(
             task.model_path,
-            load_profile(profile_name),
+            profile,
             task.calibration,
             validation=task.tuning,
             labels=task.tuning_labels,
@@ -487,7 +502,7 @@ def benchmark_model(task: Task, args: argparse.Namespace, workdir: Path) -> list
         if task.kind is Kind.ENCODER and _weights_in_constants(task.model_path):
             candidates.append(ort_dynamic(task, workdir, by_hand=True))
     if not args.baseline_only:
-        candidates.append(ours(task, args.profile, workdir, log))
+        candidates.append(ours(task, args.profile, workdir, log, args.engines))
     runs = args.runs or (60 if args.quick else 300 if task.name in ("digits", "cls") else 200)
     return [measure(task, c, fp32, reference, runs, args.profile) for c in candidates]
 
@@ -554,7 +569,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="show the compressor's log")
     parser.add_argument(
         "--engines", default=",".join(_default_engines()),
-        help="engines the fp32 rows run in (onnxruntime, openvino); default: both when openvino is installed",
+        help="engines the fp32 rows run in and our compressor may choose (onnxruntime, openvino); "
+        "default: both when openvino is installed",
     )  # fmt: skip
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
