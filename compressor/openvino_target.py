@@ -209,7 +209,7 @@ class _Search:
         """The budgets the candidate (int8 on `count` nodes) misses on the whole selection split."""
         result = fidelity(self.reference, self.outputs(model_bytes, self.ctx.validation), self.ctx.labels,
                           names=self.names, tasks=self.ctx.tasks)  # fmt: skip
-        failures = budget_failures(result, tightened(self.ctx.profile.budgets, SLACK_SHARE))
+        failures = budget_failures(result, tightened(self.ctx.profile.budgets, SLACK_SHARE), SLACK_SHARE)
         precision = self.options.get("inference_precision", "f32")
         self.ctx.log(f"  OpenVINO int8 ({precision}) on {count} nodes: cosine {result.cosine:.4f}"
                      + (f", misses the budget ({failures[0]})" if failures else ""))  # fmt: skip
