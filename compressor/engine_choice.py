@@ -177,13 +177,17 @@ def _row(candidate: EngineCandidate, timing: Any, index: int, failures: list[str
 
 
 def _ranked(candidates: list[EngineCandidate], timing: Any, ok: list[bool]) -> list[int]:
-    """Indexes of the candidates that meet the budgets and are faster than the preferred one (0) by
-    MARGIN in every timing run, fastest (by median) first."""
+    """Indexes of the candidates that meet the budgets, are faster than the preferred one (0) by
+    MARGIN in every timing run, and do not pay for it with more bytes than speed (size x latency no
+    worse than the preferred one's: twice the bytes needs at least twice the speed), fastest first."""
     preferred = timing.per_run[0]
+    cost = [len(c.model_bytes) * timing.ratios[i] for i, c in enumerate(candidates)]
     better = [
         index
         for index in range(1, len(candidates))
-        if ok[index] and all(c < MARGIN * p for c, p in zip(timing.per_run[index], preferred, strict=True))
+        if ok[index]
+        and all(c < MARGIN * p for c, p in zip(timing.per_run[index], preferred, strict=True))
+        and cost[index] <= cost[0]
     ]
     return sorted(better, key=lambda index: timing.ratios[index])
 

@@ -54,6 +54,15 @@ def test_preferred_engine_stays_unless_another_is_faster_in_every_run() -> None:
     assert _pick(three, timing([preferred, faster, [0.3] * 5]), [True, True, True]) == 2
 
 
+def test_another_engine_may_not_pay_for_its_speed_with_more_bytes() -> None:
+    """Twice the bytes needs at least twice the speed: size x latency no worse than the preferred's."""
+    small = EngineCandidate(Engine.ONNXRUNTIME, "int8 weights", b"x" * 1000)
+    large = EngineCandidate(Engine.OPENVINO, "fp16 weights", b"x" * 2000)
+    preferred = [1.0] * 5
+    assert _pick([small, large], timing([preferred, [0.8] * 5]), [True, True]) == 0  # 1.25x faster
+    assert _pick([small, large], timing([preferred, [0.4] * 5]), [True, True]) == 1  # 2.5x faster
+
+
 def test_only_installed_engines_that_load_the_format_are_candidates() -> None:
     profile = load_profile("x86-vnni-gateway")
     onnx_engines = installed_engines(profile, "onnx")
