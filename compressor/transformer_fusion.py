@@ -18,10 +18,7 @@ from collections import Counter
 
 import onnx
 
-__all__ = ["FUSED_OPS", "fuse_transformer"]
-
-FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization")
-"""Contrib ops whose presence shows the optimizer recognised a transformer."""
+__all__ = ["fuse_transformer"]
 
 
 def fuse_transformer(model: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -50,7 +50,6 @@ class DynamicInt8:
 
     def __init__(self, search: _Search) -> None:
         self.search = search
-        self.workdir: Path = search.workdir
 
     def choose(self, best: Candidate, decision: str) -> tuple[Candidate, str]:
         """`best`, or a dynamic int8 candidate that meets the budgets and is clearly faster than it."""
@@ -89,7 +88,7 @@ class DynamicInt8:
         budgets (with the pass's margin) hold; None when even one node in int8 misses them."""
         search = self.search
         budgets = tightened(search.ctx.profile.budgets, search.options.dynamic_margin)
-        source = self.workdir / f"dynamic-source-{len(graph.graph.node)}.onnx"
+        source = search.workdir / f"dynamic-source-{len(graph.graph.node)}.onnx"
         onnx.save_model(graph, str(source))
         trials: dict[int, Candidate] = {}
         ranking: list[str] = []
@@ -117,7 +116,7 @@ class DynamicInt8:
     def build(self, source: Path, nodes: tuple[str, ...]) -> onnx.ModelProto:
         """ORT's dynamic int8 of the graph in `source` on `nodes`; int8 storage for every other weight."""
         search = self.search
-        output = self.workdir / "dynamic.onnx"
+        output = search.workdir / "dynamic.onnx"
         quantize_dynamic(
             str(source),
             str(output),
