@@ -84,7 +84,9 @@ def test_a_collector_killed_mid_stream_loses_nothing_and_sigterm_exits_0_with_co
         second = _collect(broker, db, log)
         eventually(lambda: all(device.drained() for device in devices), timeout=60, what="outboxes drained")
         expected = {(device.device_id, key) for device in devices for key in outbox_keys(device)}
-        eventually(lambda: _stored(db) >= len(expected), timeout=60, what="every record stored after the restart")
+        eventually(
+            lambda: _stored(db) >= len(expected), timeout=60, what="every record stored after the restart"
+        )
         second.send_signal(signal.SIGTERM)
         out, _ = second.communicate(timeout=30)
     finally:
