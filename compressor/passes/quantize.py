@@ -54,7 +54,7 @@ from compressor.passes._int8_search import (
 )
 from compressor.passes.base import CompressionContext, PassResult
 from compressor.rounding import Rounding
-from edge_runtime.config.profiles import QuantDtype
+from edge_runtime.config.profiles import Budgets, QuantDtype
 from edge_runtime.core.errors import BudgetError, ModelError, UsageError
 
 __all__ = ["Int8Options", "Int8Quantization"]
@@ -267,39 +267,58 @@ class _Search:
         return chosen
 
     def fit_weight_storage(self) -> Candidate:
-        """Keep float (fp16-stored) the fewest weights whose int8 storage costs most fidelity, so the
-        budgets are met with `storage_margin` of their slack: weights ranked by the damage each does
-        alone, then the count searched."""
+        """Keep float (fp16-stored) the weights whose int8 storage costs most fidelity, so the budgets
+        are met with `storage_margin` of their slack: weights ranked by the damage each does alone,
+        and again by that damage per element (many small early weights whose errors compound cost
+        few bytes), the count searched in each order; the smaller passing artifact is kept."""
         _, storage = store_weights_int8(self.model)
         probe, reference = self.probe_feeds()
+        elements = {init.name: max(1, int(np.prod(init.dims))) for init in self.model.graph.initializer}
         damage = {}
         for name in storage.names:
             single, _ = store_weights_int8(self.model, only=frozenset({name}), rounding=self.rounding)
             outputs = run_all(make_session(single.SerializeToString(), self.ctx.profile), probe)
             damage[name] = 1.0 - fidelity(reference, outputs).cosine
-        ranking = sorted(storage.names, key=lambda name: (-damage[name], name))
+        orders = {
+            "most damaging": sorted(storage.names, key=lambda name: (-damage[name], name)),
+            "most damaging per element": sorted(storage.names, key=lambda n: (-damage[n] / elements[n], n)),
+        }
+        best: tuple[frozenset[str], Candidate] | None = None
+        margin = self.options.storage_margin
+        budgets = tightened(self.ctx.profile.budgets, margin)
+        for relax in (False, True):
+            if relax:  # even fp16 everywhere uses more slack than the margin leaves: the plain budgets
+                margin, budgets = 1.0, self.ctx.profile.budgets
+            for order, ranking in orders.items():
+                found = self._kept_float(ranking, order, budgets, margin)
+                if found is not None and (best is None or found[1].size < best[1].size):
+                    best = found
+            if best is not None or margin >= 1.0:
+                break
+        if best is None:
+            self.float_weights = frozenset(storage.names)
+            everything = self.evaluate("weight-only int8, every weight float", ())
+            why = meets_budgets(everything.fidelity, self.reference_fidelity, self.ctx.profile.budgets)[1]
+            raise BudgetError(f"even int8 weight storage with float compute misses the budget: {why}")
+        self.float_weights = best[0]
+        return best[1]
+
+    def _kept_float(
+        self, ranking: list[str], order: str, budgets: Budgets, margin: float
+    ) -> tuple[frozenset[str], Candidate] | None:
+        """The fewest leading weights of `ranking` kept float that meet `budgets`, with their candidate."""
         trials: dict[int, Candidate] = {}
 
         def passes(count: int) -> bool:
             self.float_weights = frozenset(ranking[:count])
-            trial = trials[count] = self.evaluate(f"weight-only int8, {count} sensitive weights float", ())
+            trial = trials[count] = self.evaluate(f"weight-only int8, {count} {order} weights float", ())
             self.record(trial)
-            self.ctx.log(f"  {trial.label}: cosine {trial.fidelity.cosine:.4f}, {trial.size} bytes")
-            return meets_budgets(trial.fidelity, self.reference_fidelity, budgets, margin)[0]
+            ok, why = meets_budgets(trial.fidelity, self.reference_fidelity, budgets, margin)
+            self.ctx.log(f"  {trial.label}: {trial.size} bytes, " + ("within budget" if ok else why))
+            return ok
 
-        margin = self.options.storage_margin
-        budgets = tightened(self.ctx.profile.budgets, margin)
         count = smallest_passing(len(ranking), passes)
-        if count is None and margin < 1.0:  # even fp16 everywhere uses more slack: the plain budgets
-            margin, budgets = 1.0, self.ctx.profile.budgets
-            count = smallest_passing(len(ranking), passes)
-        if count is None:
-            why = meets_budgets(
-                trials[len(ranking)].fidelity, self.reference_fidelity, self.ctx.profile.budgets
-            )[1]
-            raise BudgetError(f"even int8 weight storage with float compute misses the budget: {why}")
-        self.float_weights = frozenset(ranking[:count])
-        return trials[count]
+        return None if count is None else (frozenset(ranking[:count]), trials[count])
 
     def fast_candidates(self, weight_only: Candidate) -> list[Candidate]:
         """Int8 sets by MAC share, timed; those not clearly faster than weight-only are dropped. Nodes
