@@ -334,9 +334,10 @@ def ours(
     except EdgeError as exc:
         return Candidate("ours", None, failure=f"refused: {_short(exc, 200)}")
     options = dict(result.engine_options)
-    variant = "ours" if result.engine == "onnxruntime" else f"ours ({_engine_label(result.engine, options)})"
+    engine = result.engine or str(profile.runtime.engine)  # empty: the profile's preferred engine
+    variant = "ours" if engine == "onnxruntime" else f"ours ({_engine_label(engine, options)})"
     return Candidate(variant, result.model_bytes, dict(result.session_config),
-                     seconds=time.perf_counter() - started, engine=result.engine,
+                     seconds=time.perf_counter() - started, engine=engine,
                      engine_options=options)  # fmt: skip
 
 
