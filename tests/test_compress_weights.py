@@ -225,3 +225,71 @@ def test_int4_storage_goes_beyond_4x_where_the_task_metric_allows(tmp_path: Path
     assert result.report["compressed"]["size_ratio"] > 5  # int8 storage alone gives ~3.8x here
     assert result.report["compressed"]["weights"]["int4"]["share"] > 0.9
     assert "int4" in format_report(result.report)
+
+
+def _compounding_chain(tiny: int = 6, width: int = 16, out: int = 4096) -> onnx.ModelProto:
+    """`tiny` small MatMuls [16, 16] whose int8 errors add up, then one large head [16, 4096] that
+    alone does more damage than any one small weight. Each weight has a row that sets its int8
+    scale but multiplies a feature that stays ~0, so its rounding error is large for its signal."""
+    rng = np.random.default_rng(0)
+    nodes, inits, previous = [], [], "x"
+    for i in range(tiny):
+        weight = rng.normal(size=(width, width)) / np.sqrt(width)
+        weight[:, 0] *= 1e-4
+        weight[0, :] = 2.0
+        inits.append(numpy_helper.from_array(weight.astype(np.float32), f"t{i}"))
+        nodes.append(helper.make_node("MatMul", [previous, f"t{i}"], [f"h{i}"], name=f"mm{i}"))
+        previous = f"h{i}"
+    head = rng.normal(size=(width, out))
+    head[0, :] = 20.0
+    inits.append(numpy_helper.from_array(head.astype(np.float32), "head"))
+    nodes.append(helper.make_node("MatMul", [previous, "head"], ["embedding"], name="head_mm"))
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", out])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_many_small_compounding_weights_are_kept_float_before_one_large_one(tmp_path: Path) -> None:
+    """Ranked by damage alone, the head goes float first and two small weights with it (66k float
+    elements); ranked by damage per element, the six small weights (1.5k elements) meet the budget
+    and the head stays int8: the smaller passing artifact is the one kept."""
+    import dataclasses
+
+    from compressor.passes.base import CompressionContext
+    from compressor.passes.quantize import Int8Options, Int8Quantization
+
+    rng = np.random.default_rng(1)
+    mask = np.r_[0.0, np.ones(15)].astype(np.float32)
+
+    def feeds(count: int) -> list[dict[str, np.ndarray]]:
+        return [{"x": rng.normal(size=(1, 16)).astype(np.float32) * mask} for _ in range(count)]
+
+    # every weight int8 costs ~2.8e-3 of cosine; the six small ones float ~1.0e-3, the head and the two
+    # worst small ones float ~1.25e-3: with half the slack of 2.26e-3 only the first passes
+    budgets = dataclasses.replace(PROFILE.budgets, min_output_cosine=1 - 2.26e-3)
+    ctx = CompressionContext(
+        profile=dataclasses.replace(PROFILE, budgets=budgets),
+        calibration=feeds(16),
+        validation=feeds(64),
+        workdir=tmp_path,
+        log=lambda line: None,
+        output_names=("embedding",),
+    )
+    options = Int8Options(rounding="nearest", int4=False, allow_int8_compute=False, dynamic=False)
+    model = _compounding_chain()
+    result = Int8Quantization(options).run(model, ctx)
+    report = result.report
+    assert set(report["weights_kept_float"]) == {f"t{i}" for i in range(6)}
+    stored = {init.name: init.data_type for init in result.model.graph.initializer}
+    assert any(dtype == TensorProto.INT8 for dtype in stored.values()), stored
+    labels = [row["label"] for row in report["candidates"]]
+    assert any("most damaging weights float" in label for label in labels)
+    assert any("most damaging per element weights float" in label for label in labels)
+    assert report["fidelity"]["cosine"] >= budgets.min_output_cosine
+    # the head is int8 on disk: the artifact is far below its float bytes (65536 * 4)
+    assert report["bytes_after"] < 65536 * 4 / 3
