@@ -39,6 +39,9 @@ Feed = dict[str, np.ndarray]
 MODELS = ("digits", "cls", "det", "rec", "vad", "minilm", "layout")
 ENGINES = ("onnxruntime", "openvino")
 DET_THRESHOLD = 0.3
+LAYOUT_PAGE_MS = 400.0
+"""The layout detector reads a whole 800x608 document page (fp32: about 140 ms on one Xeon thread):
+it is held to a page budget, not the x86 profile's 100 ms per-frame target."""
 # (calibration, tuning, evaluation) sample counts, full and --quick.
 _SPLITS = {
     "cls": ((128, 300, 600), (32, 100, 200)),
@@ -77,6 +80,8 @@ class Task:
     texts: list[str] | None = None
     tasks: tuple[str, ...] = ()
     """--task options for our compressor (OUTPUT=KIND[:MIN])."""
+    latency_target_ms: float | None = None
+    """The latency budget ours is held to instead of the profile's (a model heavier than its frames)."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,7 @@ def build_task(name: str, quick: bool, workdir: Path) -> Task:
             layout_feeds(n_tune, seed=602),
             layout_feeds(n_eval, seed=603),
             tasks=(LAYOUT_TASK,),
+            latency_target_ms=LAYOUT_PAGE_MS,
         )
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
@@ -317,8 +323,13 @@ def ours(
     kept = tuple(engine for engine in profile.runtime.engines if engine in engines) or (
         profile.runtime.engine,
     )
+    budgets = profile.budgets
+    if task.latency_target_ms is not None:
+        budgets = dataclasses.replace(budgets, latency_target_ms=task.latency_target_ms)
     profile = dataclasses.replace(
-        profile, runtime=dataclasses.replace(profile.runtime, engine=kept[0], engines=kept)
+        profile,
+        runtime=dataclasses.replace(profile.runtime, engine=kept[0], engines=kept),
+        budgets=budgets,
     )
     try:
         result = compress(
