@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressor.engine_choice import _sensitive_nodes
 from compressor.measure import fidelity, make_session, run_all
-from compressor.nncf_int8 import OTHER_SETTINGS, feed_forward_outputs, nncf_int8
+from compressor.nncf_int8 import OTHER_SETTINGS, nncf_int8
 from compressor.openvino_target import OpenvinoSession
 from compressor.passes.base import CompressionContext
 from compressor.pipeline import compress
@@ -117,20 +117,6 @@ def test_nncf_candidates_are_measured_and_reported_beside_the_others(tmp_path: P
         assert row["latency_ratio"] > 0 and np.isfinite(row["latency_ratio"])
         assert isinstance(row["budgets_met"], bool) and row["budgets_met"] == (not row["failures"])
         assert row["bytes"] < path.stat().st_size  # int8 weights
-
-
-def test_feed_forward_outputs_are_the_matmuls_after_a_gelu() -> None:
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["h"], name="up"),
-        helper.make_node("Div", ["h", "c"], ["d"], name="div"),
-        helper.make_node("Erf", ["d"], ["e"], name="erf"),
-        helper.make_node("Add", ["e", "one"], ["a"], name="plus"),
-        helper.make_node("Mul", ["h", "a"], ["g0"], name="times"),
-        helper.make_node("Mul", ["g0", "half"], ["g"], name="half"),
-        helper.make_node("MatMul", ["g", "W2"], ["y"], name="down"),
-    ]
-    graph = helper.make_graph(nodes, "ffn", [], [])
-    assert feed_forward_outputs(helper.make_model(graph)) == ["down"]
 
 
 def test_nncf_failure_is_a_logged_outcome(tmp_path: Path) -> None:
