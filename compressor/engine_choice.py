@@ -102,7 +102,8 @@ def _openvino_candidates(
         )
     # NNCF's int8 in each of its settings, each at both precision hints: neither fidelity nor speed
     # of int8 beside bf16 follows from the f32 one
-    for built in nncf_int8(original, ctx, _sensitive_nodes(original, reports)):
+    f32 = {"inference_precision": "f32", **shape}
+    for built in nncf_int8(original, ctx, _sensitive_nodes(original, reports), reference, names, f32):
         for wanted in dict.fromkeys(("f32", precision)):
             out.append(EngineCandidate(Engine.OPENVINO, f"{built.label}, {wanted}", built.model_bytes,
                                        {"inference_precision": wanted, **shape}))  # fmt: skip

@@ -75,9 +75,11 @@ def test_nncf_int8_leaves_our_sensitive_node_float_and_runs_in_openvino(tmp_path
     # the weight our int8 search kept float names the node that reads it: NNCF's ignored scope
     ignored = _sensitive_nodes(model, [{"weights_kept_float": ["W1"]}])
     assert ignored == ["first"]
-    built = nncf_int8(model, ctx, ignored)
-    assert [b.label for b in built] == [f"NNCF int8 ({s.label}; 1 nodes float)" for s in OTHER_SETTINGS]
     reference = run_all(make_session(model.SerializeToString(), profile), validation)
+    options = {"inference_precision": "f32"}
+    built = nncf_int8(model, ctx, ignored, reference, ["y"], options)
+    expected = [f"NNCF int8 ({s.label}; 1 of 1 nodes int8, 1 float)" for s in OTHER_SETTINGS]
+    assert [b.label for b in built] == expected
     for candidate in built:
         assert candidate.ignored == ("first",)
         graph = onnx.load_from_string(candidate.model_bytes)
@@ -88,7 +90,8 @@ def test_nncf_int8_leaves_our_sensitive_node_float_and_runs_in_openvino(tmp_path
         )
         assert fidelity(reference, outputs, names=["y"], tasks=tasks).cosine >= 0.99
     # without an ignored scope, NNCF quantizes the first MatMul too
-    everything = nncf_int8(model, ctx, [])[0]
+    everything = nncf_int8(model, ctx, [], reference, ["y"], options)[0]
+    assert everything.label == f"NNCF int8 ({OTHER_SETTINGS[0].label}; 2 of 2 nodes int8, 0 float)"
     assert len(_quantized_inputs(onnx.load_from_string(everything.model_bytes), "first")) == 2
 
 
@@ -107,10 +110,10 @@ def test_nncf_candidates_are_measured_and_reported_beside_the_others(tmp_path: P
     hints = ["f32", "bf16"] if bf16 else ["f32"]
     # NNCF's ignored scope is the nodes reading the weights our int8 search kept float
     kept = _sensitive_nodes(_mlp(), result.report["passes"])
-    expected = [
-        f"NNCF int8 ({s.label}; {len(kept)} nodes float), {hint}" for s in OTHER_SETTINGS for hint in hints
-    ]
-    assert [row["label"] for row in nncf_rows] == expected
+    assert [row["label"].rsplit(", ", 1)[1] for row in nncf_rows] == hints * len(OTHER_SETTINGS)
+    for row, setting in zip(nncf_rows[:: len(hints)], OTHER_SETTINGS, strict=True):
+        assert row["label"].startswith(f"NNCF int8 ({setting.label}; ")
+        assert int(row["label"].split(" float)")[0].rsplit(" ", 1)[1]) >= len(kept)
     for row in nncf_rows:  # each loaded, judged by the task metric and timed like the others
         assert row["engine"] == "openvino" and row["engine_options"]["inference_precision"] in hints
         assert row["engine_options"]["static_shape"] == "x=1,64"
@@ -126,5 +129,5 @@ def test_nncf_failure_is_a_logged_outcome(tmp_path: Path) -> None:
     model.graph.node[0].input[1] = "missing"  # a weight that is not there
     lines: list[str] = []
     ctx = CompressionContext(load_profile(PROFILE), _data(4, 1), _data(4, 2), tmp_path, log=lines.append)
-    assert nncf_int8(model, ctx, []) == []
+    assert nncf_int8(model, ctx, [], [], ["y"], {"inference_precision": "f32"}) == []
     assert lines and all(line.startswith("engine choice: NNCF (") for line in lines)
