@@ -131,3 +131,26 @@ def test_nncf_failure_is_a_logged_outcome(tmp_path: Path) -> None:
     ctx = CompressionContext(load_profile(PROFILE), _data(4, 1), _data(4, 2), tmp_path, log=lines.append)
     assert nncf_int8(model, ctx, [], [], ["y"], {"inference_precision": "f32"}) == []
     assert lines and all(line.startswith("engine choice: NNCF (") for line in lines)
+
+
+def test_nncf_node_openvino_shows_damaged_goes_back_to_float(tmp_path: Path) -> None:
+    """Feature 0 of x is ~500: NNCF's one int8 scale for x rounds every other feature to 0, so the
+    first MatMul's int8 is measured (through OpenVINO) to break the output and is left float."""
+    require_module("openvino", OPENVINO_EXTRA)
+    require_module("nncf", NNCF_EXTRA)
+    from tests.test_engine_choice import _outlier_model
+
+    model_bytes, calibration, validation = _outlier_model()
+    model = onnx.load_from_string(model_bytes)
+    profile = load_profile(PROFILE)
+    tasks = TaskConfig(specs={"y": TaskSpec(TaskKind.REGRESSION)})
+    ctx = CompressionContext(profile, calibration, validation, tmp_path, log=lambda _line: None, tasks=tasks)
+    reference = run_all(make_session(model_bytes, profile), validation)
+    options = {"inference_precision": "f32"}
+    built = nncf_int8(model, ctx, [], reference, ["y"], options)
+    assert built and built[0].label == f"NNCF int8 ({OTHER_SETTINGS[0].label}; 1 of 2 nodes int8, 1 float)"
+    assert built[0].ignored == ("first",)
+    graph = onnx.load_from_string(built[0].model_bytes)
+    assert _quantized_inputs(graph, "first") == [] and len(_quantized_inputs(graph, "second")) == 2
+    outputs = run_all(OpenvinoSession(built[0].model_bytes, options, profile), validation)
+    assert fidelity(reference, outputs, names=["y"], tasks=tasks).cosine >= 0.99
