@@ -33,7 +33,6 @@ import onnx
 from compressor.int8_weights import store_small_floats_fp16
 from compressor.onnx_model import constants_to_initializers, name_unnamed_nodes
 from compressor.openvino_target import NodeSearch, fewest_float, float_again
-from compressor.passes._int8_search import COMPUTE_OPS
 from compressor.passes.base import CompressionContext
 from compressor.transformer_fusion import fuse_transformer
 from edge_runtime.core.errors import EdgeError
@@ -44,6 +43,9 @@ SLACK_SHARE = 0.8
 """Share of each budget's slack NNCF's graph may use on the selection split (cosine 0.992 for a 0.99
 budget): every node left float costs OpenVINO speed, and a graph the report split refuses passes the
 choice on to the next candidate."""
+
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +72,11 @@ class _NncfGraph:
     def __init__(self, quantized: onnx.ModelProto, original: onnx.ModelProto) -> None:
         self.quantized, self.original = quantized, original
         dequantized = {node.output[0] for node in quantized.graph.node if node.op_type == "DequantizeLinear"}
+        # every node NNCF feeds int8: compute nodes, and on a CNN also the Add/Concat/pooling it quantizes
         self.nodes = [
             node.name
             for node in quantized.graph.node
-            if node.op_type in COMPUTE_OPS and node.name and dequantized & set(node.input)
+            if node.op_type not in _QDQ and node.name and dequantized & set(node.input)
         ]
         self.built: dict[tuple[str, ...], bytes] = {}
 
