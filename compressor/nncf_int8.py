@@ -85,10 +85,27 @@ class _NncfGraph:
         key = tuple(sorted(nodes))
         if key not in self.built:
             rest = set(self.nodes) - set(nodes)
-            model = float_again(self.quantized, self.original, rest) if rest else self.quantized
+            model = _original_biases(float_again(self.quantized, self.original, rest), self.original, rest)
             stored, _ = store_small_floats_fp16(model)
             self.built[key] = stored.SerializeToString()
         return self.built[key]
+
+
+def _original_biases(model: onnx.ModelProto, original: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """`model` with the original values of the float constants that the nodes `names`, and the Adds
+    reading their outputs, read: NNCF's bias correction shifted them for its int8, not for float."""
+    float_values = {init.name: init for init in original.graph.initializer}
+    outputs = {out for node in model.graph.node if node.name in names for out in node.output}
+    read = {
+        name
+        for node in model.graph.node
+        if node.name in names or (node.op_type == "Add" and outputs & set(node.input))
+        for name in node.input
+    }
+    for init in model.graph.initializer:
+        if init.name in read and init.name in float_values and init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(float_values[init.name])
+    return model
 
 
 def _no_smooth_quant(nncf: Any) -> dict[str, Any]:
