@@ -1,7 +1,8 @@
 """Engine choice by measurement (issue 14): for a profile that lists several engines, run the
 compressed ONNX artifact through each one installed here, add OpenVINO's own candidates (our int8 for
 it, its nodes chosen through OpenVINO, and the float graph at bf16: compressor/openvino_target.py; NNCF's
-post-training int8 with our sensitive weights as its ignored scope when `nncf` is installed), compiled
+post-training int8 in a few settings, our sensitive weights as its ignored scope, when `nncf` is
+installed: compressor/nncf_int8.py), compiled
 for the data's one input shape when they have one, and keep the fastest candidate whose task metrics
 and size meet the budgets.
 
@@ -14,10 +15,8 @@ engine, since the device's self-test runs there.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ import onnx
 
 from compressor.data import Dataset
 from compressor.measure import budget_failures, fidelity, make_session, run_all, timed_ratios
+from compressor.nncf_int8 import nncf_int8
 from compressor.openvino_target import OpenvinoSession, fixed_input_shape, openvino_int8
 from compressor.passes.base import CompressionContext
 from edge_runtime.artifact.golden import GoldenCase
@@ -77,36 +77,6 @@ def _sensitive_nodes(original: onnx.ModelProto, reports: Sequence[Mapping[str, A
     return [node.name for node in original.graph.node if node.name and kept & set(node.input)]
 
 
-def _nncf_candidate(
-    original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]]
-) -> EngineCandidate | None:
-    """NNCF's post-training int8 (ONNX in, QDQ out) with our sensitive nodes ignored; None without nncf."""
-    if importlib.util.find_spec("nncf") is None:
-        return None
-    import logging
-
-    import nncf
-
-    nncf.set_log_level(logging.ERROR)
-    ignored = _sensitive_nodes(original, reports)
-    try:  # NNCF draws progress bars on stdout: the user's terminal shows our progress only
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            quantized = nncf.quantize(
-                original,
-                nncf.Dataset(list(ctx.calibration)),
-                subset_size=len(ctx.calibration),
-                ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
-            )
-    except Exception as exc:  # NNCF failing on a real model is a measured outcome, not a crash
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        ctx.log(f"engine choice: NNCF cannot quantize this model: {reason}")
-        return None
-    label = f"NNCF int8 ({len(ignored)} sensitive nodes ignored)"
-    return EngineCandidate(
-        Engine.OPENVINO, label, quantized.SerializeToString(), {"inference_precision": "f32"}
-    )
-
-
 def _openvino_candidates(
     result: Any, original: onnx.ModelProto, ctx: CompressionContext, reports: Sequence[Mapping[str, Any]],
     reference: list[list[np.ndarray]],
@@ -130,11 +100,13 @@ def _openvino_candidates(
                 Engine.OPENVINO, f"{label}, {options['inference_precision']}", model_bytes, options
             )
         )
-    nncf_candidate = _nncf_candidate(original, ctx, reports)
-    if nncf_candidate is not None:
-        out.append(
-            dataclasses.replace(nncf_candidate, engine_options={**nncf_candidate.engine_options, **shape})
-        )
+    # NNCF's int8 in each of its settings, each at both precision hints: neither fidelity nor speed
+    # of int8 beside bf16 follows from the f32 one
+    f32 = {"inference_precision": "f32", **shape}
+    for built in nncf_int8(original, ctx, _sensitive_nodes(original, reports), reference, names, f32):
+        for wanted in dict.fromkeys(("f32", precision)):
+            out.append(EngineCandidate(Engine.OPENVINO, f"{built.label}, {wanted}", built.model_bytes,
+                                       {"inference_precision": wanted, **shape}))  # fmt: skip
     return out
 
 

@@ -18,6 +18,7 @@ import functools
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -33,7 +34,15 @@ from edge_runtime.config.profiles import DeviceProfile
 from edge_runtime.core.errors import EdgeError
 from edge_runtime.engines.openvino import format_static_shape
 
-__all__ = ["OpenvinoSession", "fixed_input_shape", "openvino_int8"]
+__all__ = [
+    "NodeSearch",
+    "NodeSets",
+    "OpenvinoSession",
+    "fewest_float",
+    "fixed_input_shape",
+    "float_again",
+    "openvino_int8",
+]
 
 PROBE_SAMPLES = 4
 """Selection samples each node's damage is measured on."""
@@ -81,6 +90,16 @@ def fixed_input_shape(model: onnx.ModelProto, samples: Sequence[Samples]) -> str
     return format_static_shape(dict(next(iter(shapes))))
 
 
+class NodeSets(Protocol):
+    """Int8 graphs for subsets of one set of nodes, the rest left float (what the searches rank)."""
+
+    nodes: list[str]
+
+    def build(self, nodes: Sequence[str]) -> bytes:
+        """The model with int8 compute on `nodes` only."""
+        ...
+
+
 class _Builder:
     """Writes QDQ graphs for subsets of the nodes: ONNX Runtime quantizes them all once, and a subset
     is that graph with the other nodes reading their float inputs again."""
@@ -104,9 +123,7 @@ class _Builder:
         key = tuple(sorted(nodes))
         if key not in self.built:
             model = (
-                _float_again(self.quantized, self.model, set(self.nodes) - set(nodes))
-                if nodes
-                else self.model
+                float_again(self.quantized, self.model, set(self.nodes) - set(nodes)) if nodes else self.model
             )
             # Embedding tables stored int8; the float nodes' weights fp16, not int8: OpenVINO would run
             # an int8-stored weight with its own run-time int8 activations, the damage it was kept from.
@@ -144,7 +161,7 @@ def _quantize_all(
     return onnx.load_model(str(output))
 
 
-def _float_again(quantized: onnx.ModelProto, original: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+def float_again(quantized: onnx.ModelProto, original: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     """A copy where the nodes `names` read float inputs: the tensor before its Quantize/Dequantize pair,
     or their original float weight; pairs no node reads any more are dropped."""
     model = onnx.ModelProto()
@@ -192,14 +209,15 @@ def _drop_unread(graph: onnx.GraphProto) -> None:
         graph.initializer.remove(init)
 
 
-class _Search:
+class NodeSearch:
     """One search: each candidate compiled and run by OpenVINO, judged against the original."""
 
     def __init__(
         self, ctx: CompressionContext, options: Mapping[str, str], reference: list[list[np.ndarray]],
-        names: list[str],
+        names: list[str], slack: float = SLACK_SHARE, label: str = "OpenVINO int8",
     ) -> None:  # fmt: skip
         self.ctx, self.options, self.reference, self.names = ctx, dict(options), reference, names
+        self.slack, self.label = slack, label
 
     def outputs(self, model_bytes: bytes, samples: Samples) -> list[list[np.ndarray]]:
         """The candidate's outputs through OpenVINO."""
@@ -209,13 +227,13 @@ class _Search:
         """The budgets the candidate (int8 on `count` nodes) misses on the whole selection split."""
         result = fidelity(self.reference, self.outputs(model_bytes, self.ctx.validation), self.ctx.labels,
                           names=self.names, tasks=self.ctx.tasks)  # fmt: skip
-        failures = budget_failures(result, tightened(self.ctx.profile.budgets, SLACK_SHARE), SLACK_SHARE)
+        failures = budget_failures(result, tightened(self.ctx.profile.budgets, self.slack), self.slack)
         precision = self.options.get("inference_precision", "f32")
-        self.ctx.log(f"  OpenVINO int8 ({precision}) on {count} nodes: cosine {result.cosine:.4f}"
+        self.ctx.log(f"  {self.label} ({precision}) on {count} nodes: cosine {result.cosine:.4f}"
                      + (f", misses the budget ({failures[0]})" if failures else ""))  # fmt: skip
         return failures
 
-    def damage(self, builder: _Builder) -> dict[str, float]:
+    def damage(self, builder: NodeSets) -> dict[str, float]:
         """Per node, how much output cosine on the probe samples is recovered by leaving it float."""
         probe = list(self.ctx.validation[:PROBE_SAMPLES])
         reference = self.reference[:PROBE_SAMPLES]
@@ -227,7 +245,21 @@ class _Search:
         return damage
 
 
-def _passes(search: _Search, builder: _Builder, ranking: list[str], count: int) -> bool:
+def fewest_float(search: NodeSearch, builder: NodeSets, ranking: list[str]) -> tuple[int | None, list[str]]:
+    """How many of the worst nodes must stay float for the rest in int8 to meet the budgets on the
+    selection split (0 when all may be int8; None when no count does), and the nodes worst first:
+    `ranking`, or when that is empty and needed, each node's damage measured through OpenVINO."""
+    total = len(builder.nodes)
+    if not search.failures(builder.build(builder.nodes), total):
+        return 0, ranking
+    if not ranking:
+        search.ctx.log(f"  {search.label}: measuring each of {total} nodes' damage through OpenVINO")
+        damage = search.damage(builder)
+        ranking = sorted(builder.nodes, key=lambda name: (-damage[name], name))  # worst first
+    return smallest_passing(total - 1, functools.partial(_passes, search, builder, ranking)), ranking
+
+
+def _passes(search: NodeSearch, builder: NodeSets, ranking: list[str], count: int) -> bool:
     """Whether int8 on all but the `count` most damaging nodes meets the budgets."""
     return not search.failures(builder.build(ranking[count:]), len(ranking) - count)
 
@@ -248,19 +280,13 @@ def openvino_int8(
     total, ranking, found = len(builder.nodes), list[str](), []
     try:
         for options in option_sets if builder.nodes else ():
-            search = _Search(ctx, options, reference, names)
+            search = NodeSearch(ctx, options, reference, names)
             if options.get("inference_precision") == "bf16" and not search.failures(builder.build([]), 0):
                 # bf16 compute on the float graph (weights stored fp16, embeddings int8) is a candidate
                 found.append(
                     (builder.build([]), "our float graph for OpenVINO (fp16 weights)", dict(options))
                 )
-            count: int | None = 0
-            if search.failures(builder.build(builder.nodes), total):
-                if not ranking:
-                    ctx.log(f"  OpenVINO int8: measuring each of {total} nodes' damage through OpenVINO")
-                    damage = search.damage(builder)
-                    ranking = sorted(builder.nodes, key=lambda name: (-damage[name], name))  # worst first
-                count = smallest_passing(total - 1, functools.partial(_passes, search, builder, ranking))
+            count, ranking = fewest_float(search, builder, ranking)
             if count is not None:
                 chosen = ranking[count:] if ranking else builder.nodes
                 label = f"our int8 for OpenVINO, {total - count} of {total} nodes"
