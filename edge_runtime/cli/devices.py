@@ -6,8 +6,11 @@ Exit codes: 0 (also when ``--watch`` ends with Ctrl-C); 1 the broker cannot be r
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
+from types import FrameType
 
 import click
 
@@ -93,7 +96,16 @@ def devices(broker: Broker, group: str | None, wait: float, watch: float | None,
         text = _render(view, group, as_json)
         click.echo(("\x1b[H\x1b[J" if tty else "") + text + ("" if tty else "\n"), nl=not tty)
 
+    # Ctrl-C or SIGTERM sets an event the watch loop waits on: it ends between refreshes, never by an
+    # exception unwinding whatever the main thread was doing.
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        fleet_snapshot(broker, wait_s=wait, on_view=show, every_s=watch)
-    except KeyboardInterrupt:
-        return
+        fleet_snapshot(broker, wait_s=wait, on_view=show, every_s=watch, stop=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -199,15 +198,19 @@ def fleet_snapshot(
     wait_s: float = 1.5,
     on_view: Callable[[FleetView], None] | None = None,
     every_s: float = 2.0,
+    stop: threading.Event | None = None,
 ) -> FleetView:
     """Listen to the fleet topics for `wait_s` seconds and return what arrived (retained state at once).
 
-    With `on_view`, keep listening and call it with the view every `every_s` seconds until it raises
-    (KeyboardInterrupt to end a watch).
+    With `on_view`, keep listening and call it with the view every `every_s` seconds until `stop` is
+    set (a watch ended by a signal handler) or `on_view` raises.
     """
+    stop = stop or threading.Event()
     with watch_fleet(broker) as view:
-        time.sleep(wait_s)
+        if stop.wait(wait_s):
+            return view
         while on_view is not None:
             on_view(view)
-            time.sleep(every_s)
+            if stop.wait(every_s):
+                break
     return view
