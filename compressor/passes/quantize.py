@@ -284,35 +284,48 @@ class _Search:
             "most damaging per element": sorted(storage.names, key=lambda n: (-damage[n] / elements[n], n)),
         }
         best: tuple[frozenset[str], Candidate] | None = None
+        measured: dict[
+            frozenset[str], Candidate
+        ] = {}  # a float set measured once, whatever the order or margin
         margin = self.options.storage_margin
         budgets = tightened(self.ctx.profile.budgets, margin)
         for relax in (False, True):
             if relax:  # even fp16 everywhere uses more slack than the margin leaves: the plain budgets
                 margin, budgets = 1.0, self.ctx.profile.budgets
             for order, ranking in orders.items():
-                found = self._kept_float(ranking, order, budgets, margin)
+                found = self._kept_float(ranking, order, budgets, margin, measured)
                 if found is not None and (best is None or found[1].size < best[1].size):
                     best = found
             if best is not None or margin >= 1.0:
                 break
         if best is None:
-            self.float_weights = frozenset(storage.names)
-            everything = self.evaluate("weight-only int8, every weight float", ())
+            self.float_weights = frozenset(storage.names)  # smallest_passing tried it, unless there are none
+            everything = measured.get(self.float_weights) or self.evaluate(
+                "weight-only int8, every weight float", ()
+            )
             why = meets_budgets(everything.fidelity, self.reference_fidelity, self.ctx.profile.budgets)[1]
             raise BudgetError(f"even int8 weight storage with float compute misses the budget: {why}")
         self.float_weights = best[0]
         return best[1]
 
     def _kept_float(
-        self, ranking: list[str], order: str, budgets: Budgets, margin: float
+        self,
+        ranking: list[str],
+        order: str,
+        budgets: Budgets,
+        margin: float,
+        measured: dict[frozenset[str], Candidate],
     ) -> tuple[frozenset[str], Candidate] | None:
-        """The fewest leading weights of `ranking` kept float that meet `budgets`, with their candidate."""
+        """The fewest leading weights of `ranking` kept float that meet `budgets`, with their candidate
+        (each float set evaluated once: `measured` holds them)."""
         trials: dict[int, Candidate] = {}
 
         def passes(count: int) -> bool:
-            self.float_weights = frozenset(ranking[:count])
-            trial = trials[count] = self.evaluate(f"weight-only int8, {count} {order} weights float", ())
-            self.record(trial)
+            self.float_weights = kept = frozenset(ranking[:count])
+            if kept not in measured:
+                measured[kept] = self.evaluate(f"weight-only int8, {count} {order} weights float", ())
+                self.record(measured[kept])
+            trial = trials[count] = measured[kept]
             ok, why = meets_budgets(trial.fidelity, self.reference_fidelity, budgets, margin)
             self.ctx.log(f"  {trial.label}: {trial.size} bytes, " + ("within budget" if ok else why))
             return ok
