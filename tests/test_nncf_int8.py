@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from compressor import outlier_channels
 from compressor.engine_choice import _sensitive_nodes
 from compressor.measure import fidelity, make_session, run_all
 from compressor.nncf_int8 import OTHER_SETTINGS, nncf_int8
@@ -130,15 +132,20 @@ def test_nncf_failure_is_a_logged_outcome(tmp_path: Path) -> None:
     lines: list[str] = []
     ctx = CompressionContext(load_profile(PROFILE), _data(4, 1), _data(4, 2), tmp_path, log=lines.append)
     assert nncf_int8(model, ctx, [], [], ["y"], {"inference_precision": "f32"}) == []
-    assert lines and all(line.startswith("engine choice: NNCF (") for line in lines)
+    assert lines and all(line.startswith("engine choice: NNCF (") for line in lines)  # the split, then NNCF
 
 
-def test_nncf_node_openvino_shows_damaged_goes_back_to_float(tmp_path: Path) -> None:
-    """Feature 0 of x is ~500: NNCF's one int8 scale for x rounds every other feature to 0, so the
-    first MatMul's int8 is measured (through OpenVINO) to break the output and is left float."""
+def test_nncf_node_openvino_shows_damaged_goes_back_to_float(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Feature 0 of x is ~500: with outlier channels left in int8, NNCF's one int8 scale for x rounds
+    every other feature to 0, so the first MatMul's int8 is measured (through OpenVINO) to break the
+    output and is left float."""
     require_module("openvino", OPENVINO_EXTRA)
     require_module("nncf", NNCF_EXTRA)
     from tests.test_engine_choice import _outlier_model
+
+    monkeypatch.setattr(outlier_channels, "FACTOR", float("inf"))  # no channel is an outlier
 
     model_bytes, calibration, validation = _outlier_model()
     model = onnx.load_from_string(model_bytes)
@@ -152,5 +159,29 @@ def test_nncf_node_openvino_shows_damaged_goes_back_to_float(tmp_path: Path) -> 
     assert built[0].ignored == ("first",)
     graph = onnx.load_from_string(built[0].model_bytes)
     assert _quantized_inputs(graph, "first") == [] and len(_quantized_inputs(graph, "second")) == 2
+    outputs = run_all(OpenvinoSession(built[0].model_bytes, options, profile), validation)
+    assert fidelity(reference, outputs, names=["y"], tasks=tasks).cosine >= 0.99
+
+
+def test_nncf_with_the_outlier_channel_split_off_keeps_every_node_int8(tmp_path: Path) -> None:
+    """The same model: feature 0 multiplied in float, NNCF's int8 range fits the other features, and
+    both MatMuls run int8 through OpenVINO within the budgets."""
+    require_module("openvino", OPENVINO_EXTRA)
+    require_module("nncf", NNCF_EXTRA)
+    from tests.test_engine_choice import _outlier_model
+
+    model_bytes, calibration, validation = _outlier_model()
+    profile = load_profile(PROFILE)
+    tasks = TaskConfig(specs={"y": TaskSpec(TaskKind.REGRESSION)})
+    lines: list[str] = []
+    ctx = CompressionContext(profile, calibration, validation, tmp_path, log=lines.append, tasks=tasks)
+    reference = run_all(make_session(model_bytes, profile), validation)
+    options = {"inference_precision": "f32"}
+    built = nncf_int8(onnx.load_from_string(model_bytes), ctx, [], reference, ["y"], options)
+    label = f"NNCF int8 ({OTHER_SETTINGS[0].label}, outlier channels float in 1 MatMul; 3 of 3 nodes int8, 0 float)"
+    assert built and built[0].label == label and built[0].ignored == ()
+    assert "  NNCF int8: outlier channels float in 1 MatMul, channels in all: 1" in lines
+    graph = onnx.load_from_string(built[0].model_bytes)
+    assert len(_quantized_inputs(graph, "first")) == 2 and len(_quantized_inputs(graph, "second")) == 2
     outputs = run_all(OpenvinoSession(built[0].model_bytes, options, profile), validation)
     assert fidelity(reference, outputs, names=["y"], tasks=tasks).cosine >= 0.99
