@@ -113,7 +113,7 @@ def _outliers(maxima: np.ndarray) -> tuple[int, ...]:
 
 def split_outliers(model: onnx.ModelProto, samples: Samples, profile: DeviceProfile) -> OutlierSplit | None:
     """`model` (weights as initializers) with each MatMul's outlier input channels on `samples` split
-    off into a float MatMul; None when no MatMul reads an outlier channel."""
+    off into float terms; None when no MatMul reads an outlier channel."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -135,6 +135,7 @@ def split_outliers(model: onnx.ModelProto, samples: Samples, profile: DeviceProf
     split_nodes: list[str] = []
     masked: dict[str, str] = {}
     split = {id(node) for name in channels for node in inputs[name]}
+    replaced = {node.input[1] for name in channels for node in inputs[name]}  # the unsplit weights
     for node in listed:
         if id(node) not in split:
             nodes.append(node)
@@ -183,7 +184,7 @@ def split_outliers(model: onnx.ModelProto, samples: Samples, profile: DeviceProf
     ordered = [onnx.NodeProto.FromString(node.SerializeToString()) for node in nodes]
     del graph.node[:]
     graph.node.extend(ordered)
-    _drop_unread_weights(graph)
+    _drop_unread(graph, replaced)
     return OutlierSplit(out, tuple(split_nodes), tuple(float_nodes), masked, channels)
 
 
@@ -205,10 +206,21 @@ def _mask_and_gathers(
     return nodes
 
 
-def _drop_unread_weights(graph: onnx.GraphProto) -> None:
-    """Remove the initializers no node reads any more (the split MatMuls' original weights)."""
-    read = {name for node in graph.node for name in node.input}
-    for init in [init for init in graph.initializer if init.name not in read]:
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node reads, in `graph` and in the subgraphs of its If/Loop/Scan nodes."""
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                read |= _read_names(sub)
+    return read
+
+
+def _drop_unread(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the initializers `names` that nothing reads any more."""
+    unread = names - _read_names(graph)
+    for init in [init for init in graph.initializer if init.name in unread]:
         graph.initializer.remove(init)
 
 
@@ -225,5 +237,5 @@ def unmask(quantized: onnx.ModelProto, split: OutlierSplit) -> onnx.ModelProto:
         for index, name in enumerate(node.input):
             if name in split.masked:
                 node.input[index] = split.masked[name]
-    _drop_unread_weights(graph)
+    _drop_unread(graph, {f"{source}_outliers_mask" for source in split.masked.values()})
     return out
