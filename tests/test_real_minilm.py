@@ -19,7 +19,7 @@ from compressor.passes.quantize import Int8Options, _Search
 from compressor.pipeline import compress
 from compressor.transformer_fusion import fuse_transformer
 from edge_runtime.config.profiles import load_profile
-from tests.conftest import require_module
+from tests.conftest import onnxruntime_only, require_module
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fixed_latency")]
 PROFILE = "x86-vnni-gateway"
@@ -58,7 +58,7 @@ def test_sentence_encoder_stores_its_embedding_table_and_every_matmul_in_int8(
 
     result = compress(
         minilm,
-        load_profile(PROFILE),
+        onnxruntime_only(PROFILE),
         minilm_feeds(8, seed=61),
         validation=minilm_feeds(12, seed=62),
         report_samples=minilm_feeds(12, seed=63),

@@ -18,7 +18,7 @@ from edge_runtime.artifact.bundle import read_bundle
 from edge_runtime.artifact.signing import load_public_key
 from edge_runtime.cli import cli
 from edge_runtime.config.profiles import load_profile
-from tests.conftest import require_module
+from tests.conftest import onnxruntime_only, require_module
 from tools.zoo import detection_dataset, ppocr_model, text_direction_dataset
 
 # Latency is measured but must not decide these outcomes: equal fixed timings (see conftest).
@@ -68,7 +68,7 @@ def test_text_detector_map_stays_close(tmp_path: Path) -> None:
     validation = detection_dataset(6, seed=22, size=128)
     result = compress(
         ppocr_model("det"),
-        load_profile("x86-vnni-gateway"),
+        onnxruntime_only("x86-vnni-gateway"),
         calibration,
         validation=validation,
         workdir=tmp_path,

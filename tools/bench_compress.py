@@ -4,9 +4,11 @@ Run from the repository root:  python -m tools.bench_compress [--quick] [--model
                                    [--engines onnxruntime,openvino]
 
 Every candidate is timed interleaved with its fp32 model in ONNX Runtime in this process (batch 1, one
-thread) and judged on held-out samples the compressor never saw (it gets a separate tuning split).
-With OpenVINO installed, the fp32 model also runs through our OpenVINO engine (f32, and bf16 where the
-CPU has it), and our compressor's artifact runs through the engine it chose, with the options it chose.
+thread; blocks of BLOCK runs back to back, the blocks alternating) and judged on held-out samples the
+compressor never saw (it gets a separate tuning split). With OpenVINO installed, the fp32 model also
+runs through our OpenVINO engine (f32, and bf16 where the CPU has it), NNCF's post-training int8 of
+OpenVINO's own model runs beside it (what OpenVINO + NNCF reach on their own), and our compressor's
+artifact runs through the engine it chose, with the options it chose.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ Feed = dict[str, np.ndarray]
 MODELS = ("digits", "cls", "det", "rec", "vad", "minilm", "layout")
 ENGINES = ("onnxruntime", "openvino")
 DET_THRESHOLD = 0.3
+BLOCK = 10
+"""Runs of one model back to back before the other's turn. A device serving a model runs it back to
+back, its weights warm in the cache; alternating every call timed each model just after the other had
+evicted them (the MiniLM int8 graph, 23 MB, right after the 90 MB fp32 one: 3.0-3.2 ms, after itself
+2.3-2.4 ms, AMD EPYC). The first run of a block pays that, the median does not."""
 LAYOUT_PAGE_MS = 400.0
 """The layout detector reads a whole 800x608 document page (fp32: about 140 ms on one Xeon thread):
 it is held to a page budget, not the x86 profile's 100 ms per-frame target."""
@@ -96,6 +103,8 @@ class Candidate:
     engine: str = "onnxruntime"
     engine_options: dict[str, str] = field(default_factory=dict)
     """What our engine reads from the bundle (OpenVINO: precision hint, static input shape)."""
+    openvino_model: Any = None
+    """An OpenVINO model (not ONNX; `model_bytes` then holds its weights file), compiled as is."""
 
 
 @dataclass(frozen=True)
@@ -363,15 +372,54 @@ def _engine_label(engine: str, options: dict[str, str]) -> str:
 
 def openvino_fp32(task: Task) -> list[Candidate]:
     """The fp32 model through our OpenVINO engine: f32, and bf16 where OpenVINO reports BF16 here."""
-    import openvino as ov
-
-    precisions = ["f32"] + (
-        ["bf16"] if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else []
-    )
     model = task.model_path.read_bytes()
     return [
         Candidate(f"fp32 (OpenVINO {p})", model, engine="openvino", engine_options={"inference_precision": p})
-        for p in precisions
+        for p in _openvino_precisions()
+    ]
+
+
+def _openvino_precisions() -> list[str]:
+    """f32, and bf16 where OpenVINO reports BF16 on this CPU."""
+    import openvino as ov
+
+    return ["f32"] + (
+        ["bf16"] if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else []
+    )
+
+
+def openvino_nncf(task: Task) -> list[Candidate]:
+    """What OpenVINO + NNCF reach on their own: NNCF's post-training int8 of OpenVINO's own model
+    (model type transformer for an encoder, as NNCF's guide has it), at f32 and at bf16 where the CPU
+    has it. Not a file a bundle carries (an OpenVINO model; its bytes are the IR weights file)."""
+    import logging
+
+    import nncf
+    import openvino as ov
+
+    nncf.set_log_level(logging.ERROR)
+    transformer = task.kind is Kind.ENCODER
+    name = "OpenVINO + NNCF alone: NNCF int8" + (", model type transformer" if transformer else "")
+    try:
+        model = ov.Core().read_model(str(task.model_path))
+        quantized = nncf.quantize(
+            model, nncf.Dataset(task.calibration), subset_size=len(task.calibration),
+            model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="bench-nncf-") as folder:
+            ov.save_model(quantized, f"{folder}/model.xml", compress_to_fp16=False)
+            weights = Path(f"{folder}/model.bin").read_bytes()
+    except Exception as exc:  # a tool failing on a real model is a result
+        return [Candidate(f"{name} (OpenVINO)", None, failure=f"fails: {_short(exc)}")]
+    return [
+        Candidate(
+            f"{name} (OpenVINO {p})",
+            weights,
+            engine="openvino",
+            engine_options={"inference_precision": p},
+            openvino_model=quantized,
+        )
+        for p in _openvino_precisions()
     ]
 
 
@@ -391,22 +439,58 @@ def session(model: bytes | Path, config: dict[str, str] | None = None) -> ort.In
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def blocked_medians(calls: Sequence[Callable[[], object]], runs: int) -> list[float]:
+    """Median ms of each call over `runs` timed runs, in blocks of BLOCK back to back; the blocks take
+    turns in an order that rotates, and reverses, every round, so the machine's load falls on each alike."""
+    for _ in range(max(3, runs // 10)):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for index in range(max(1, runs // BLOCK)):
+        shift = index % len(calls)
+        order = [*range(shift, len(calls)), *range(shift)]
+        for which in reversed(order) if index % 2 else order:
+            for _ in range(BLOCK):
+                started = time.perf_counter()
+                calls[which]()
+                times[which].append(time.perf_counter() - started)
+    return [float(np.median(t) * 1e3) for t in times]
+
+
 def latency_ratio(
     reference: ort.InferenceSession, candidate: Any, feed: Feed, runs: int
 ) -> tuple[float, float]:
-    """Median ms of the reference and candidate, timed alternately (order flips every run)."""
-    pair = (reference, candidate)
-    for _ in range(max(5, runs // 10)):
-        for s in pair:
-            s.run(None, feed)
-    times: tuple[list[float], list[float]] = ([], [])
-    for index in range(runs):
-        order = (0, 1) if index % 2 == 0 else (1, 0)
-        for which in order:
-            started = time.perf_counter()
-            pair[which].run(None, feed)
-            times[which].append(time.perf_counter() - started)
-    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
+    """Median ms of the reference and the candidate, timed in alternating blocks (`blocked_medians`)."""
+    base_ms, cand_ms = blocked_medians(
+        [lambda: reference.run(None, feed), lambda: candidate.run(None, feed)], runs
+    )
+    return base_ms, cand_ms
+
+
+class OpenvinoModelRunner:
+    """An OpenVINO model compiled as our engine compiles ONNX (threads, precision hint, latency), fed as
+    our engine feeds it (input tensors set, a bare `infer()`), behind `run(None, feed) -> list`."""
+
+    def __init__(self, model: Any, options: dict[str, str], threads: int) -> None:
+        import openvino as ov
+
+        from edge_runtime.engines.openvino import compile_config
+
+        core = ov.Core()
+        capabilities = tuple(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        config, _ = compile_config(options.get("inference_precision", "f32"), threads, capabilities)
+        compiled = core.compile_model(model, "CPU", config)
+        self._inputs = [port.any_name for port in compiled.inputs]
+        self._outputs = len(compiled.outputs)
+        self._request = compiled.create_infer_request()
+        self._tensor = ov.Tensor
+
+    def run(self, _names: object, feed: Feed) -> list[np.ndarray]:
+        """Outputs in the model's order."""
+        for index, name in enumerate(self._inputs):
+            self._request.set_input_tensor(index, self._tensor(np.ascontiguousarray(feed[name])))
+        self._request.infer()
+        return [self._request.get_output_tensor(index).data.copy() for index in range(self._outputs)]
 
 
 def runner(candidate: Candidate, profile_name: str) -> Any:
@@ -418,7 +502,11 @@ def runner(candidate: Candidate, profile_name: str) -> Any:
     from compressor.openvino_target import OpenvinoSession
     from edge_runtime.config.profiles import load_profile
 
-    return OpenvinoSession(candidate.model_bytes, candidate.engine_options, load_profile(profile_name))
+    profile = load_profile(profile_name)
+    if candidate.openvino_model is not None:
+        threads = profile.runtime.intra_op_threads
+        return OpenvinoModelRunner(candidate.openvino_model, candidate.engine_options, threads)
+    return OpenvinoSession(candidate.model_bytes, candidate.engine_options, profile)
 
 
 def _outputs(s: Any, feeds: Sequence[Feed], every: bool = False) -> list:
@@ -505,7 +593,7 @@ def benchmark_model(task: Task, args: argparse.Namespace, workdir: Path) -> list
     fp32_candidate = Candidate("fp32", task.model_path.read_bytes())
     candidates = [fp32_candidate]
     if "openvino" in args.engines:
-        candidates += openvino_fp32(task)
+        candidates += openvino_fp32(task) + openvino_nncf(task)
     candidates.append(ort_defaults(task, workdir, preprocess=False))
     if candidates[-1].model_bytes is None or _weights_in_constants(task.model_path):
         candidates.append(ort_defaults(task, workdir, preprocess=True))
@@ -613,7 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     one, five, fifteen = os.getloadavg()
     print(f"load average at the end: {one:.2f}, {five:.2f}, {fifteen:.2f}")
     print(
-        "latency: median of interleaved runs against ORT fp32, batch 1, 1 thread; quality on held-out samples\n"
+        f"latency: median against ORT fp32 in alternating blocks of {BLOCK} runs, batch 1, 1 thread; "
+        "quality on held-out samples\n"
     )
     print(_table(rows))
     print(f"\nsamples (calibration / tuning, given to ours / evaluation): {'; '.join(counts)}")

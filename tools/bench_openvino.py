@@ -6,19 +6,21 @@ Run from the repository root:
 
 Per model, every variant runs through each engine as a device loads it (ONNX Runtime: one intra-op
 thread, sequential; OpenVINO: our `openvino` engine, one thread, latency hint, f32), and all of them
-are timed interleaved in one loop (the order rotates every run), so the machine's load falls on
-each alike. Latency is the median, as a ratio to ONNX Runtime on the fp32 model. Variants: the fp32
-model; our compressor's int8 artifact (when it meets the profile's budgets); ONNX Runtime's
-`quantize_static` after `pre_process` (int8 QDQ); NNCF post-training quantization with ONNX in and
-ONNX QDQ out (the artifact a bundle could ship), and NNCF on OpenVINO's own model (what OpenVINO +
-NNCF reach on their own, not shippable in a bundle). Quality is judged on held-out samples against
-ONNX Runtime's fp32 outputs, by the same rules as tools/bench_compress.
+are timed interleaved in one loop (blocks of `bench_compress.BLOCK` runs back to back, the order
+rotating every round), so the machine's load falls on each alike. Latency is the median, as a ratio
+to ONNX Runtime on the fp32 model. Variants: the fp32 model; our compressor's int8 artifact (when it
+meets the profile's budgets); ONNX Runtime's `quantize_static` after `pre_process` (int8 QDQ); NNCF
+post-training quantization with ONNX in and ONNX QDQ out (the artifact a bundle could ship), and
+NNCF on OpenVINO's own model (what OpenVINO + NNCF reach on their own, not shippable in a bundle).
+Quality is judged on held-out samples against ONNX Runtime's fp32 outputs, by the same rules as
+tools/bench_compress.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import shlex
@@ -165,22 +167,9 @@ def runners(variants: list[Variant], profile: str) -> tuple[list[Runner], list[t
 
 
 def interleaved_ms(loaded: list[Runner], feed: Feed, runs: int) -> list[float]:
-    """Median ms of each runner, all timed in one loop whose order rotates every run."""
-    for _ in range(max(3, runs // 10)):
-        for runner in loaded:
-            runner.run(feed)
-    times: list[list[float]] = [[] for _ in loaded]
-    for index in range(runs):
-        order = list(range(len(loaded)))
-        shift = index % len(order)
-        order = order[shift:] + order[:shift]
-        if index % 2:
-            order.reverse()
-        for which in order:
-            started = time.perf_counter()
-            loaded[which].run(feed)
-            times[which].append(time.perf_counter() - started)
-    return [float(np.median(t) * 1e3) for t in times]
+    """Median ms of each runner, timed in blocks of runs back to back that take turns
+    (`bench_compress.blocked_medians`)."""
+    return bc.blocked_medians([functools.partial(runner.run, feed) for runner in loaded], runs)
 
 
 def benchmark_model(task: bc.Task, args: argparse.Namespace, workdir: Path) -> list[tuple[str, ...]]:
