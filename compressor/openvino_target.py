@@ -256,7 +256,10 @@ def fewest_float(search: NodeSearch, builder: NodeSets, ranking: list[str]) -> t
         search.ctx.log(f"  {search.label}: measuring each of {total} nodes' damage through OpenVINO")
         damage = search.damage(builder)
         ranking = sorted(builder.nodes, key=lambda name: (-damage[name], name))  # worst first
-    return smallest_passing(total - 1, functools.partial(_passes, search, builder, ranking)), ranking
+    passes = functools.cache(functools.partial(_passes, search, builder, ranking))
+    if total < 2 or not passes(total - 1):  # not even the least damaging node alone: no count passes
+        return None, ranking
+    return smallest_passing(total - 1, passes), ranking
 
 
 def _passes(search: NodeSearch, builder: NodeSets, ranking: list[str], count: int) -> bool:

@@ -223,6 +223,45 @@ def test_openvino_int8_leaves_float_the_node_openvino_shows_to_be_damaged(tmp_pa
     assert fidelity(reference, outputs).cosine >= profile.budgets.min_output_cosine
 
 
+def test_openvino_int8_stops_when_even_one_node_in_int8_misses(tmp_path: Path) -> None:
+    """Three MatMuls all read the outlier feature, so int8 on any one of them misses the budget: the
+    search tries all three, then the least damaging alone, and stops (no counts in between)."""
+    require_module("openvino", OPENVINO_EXTRA)
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compressor.measure import make_session, run_all
+    from compressor.openvino_target import openvino_int8
+    from compressor.passes.base import CompressionContext
+    from compressor.tasks import TaskConfig, TaskKind, TaskSpec
+
+    rng = np.random.default_rng(5)
+    weights = []
+    for index in range(3):
+        w = rng.choice([-1.0, 0.0, 1.0], size=(64, 10)).astype(np.float32)
+        w[0] = 0.0  # the ~500 feature carries no weight: it only stretches the int8 range
+        weights.append(numpy_helper.from_array(w, f"W{index}"))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", f"W{i}"], [f"m{i}"], name=f"matmul{i}") for i in range(3)]
+        + [helper.make_node("Sum", ["m0", "m1", "m2"], ["y"])],
+        "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], weights,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    _, calibration, validation = _outlier_model()  # x with feature 0 at 500
+    profile = load_profile("x86-vnni-gateway")
+    lines: list[str] = []
+    tasks = TaskConfig(specs={"y": TaskSpec(TaskKind.REGRESSION)})
+    ctx = CompressionContext(profile, calibration, validation, tmp_path, log=lines.append, tasks=tasks)
+    reference = run_all(make_session(model.SerializeToString(), profile), validation)
+    chosen = openvino_int8(model, ctx, reference, ["y"], [{"inference_precision": "f32"}])
+    assert chosen == []
+    trials = [line.split(" on ")[1].split(" nodes")[0] for line in lines if " nodes: cosine" in line]
+    assert trials == ["3", "1"], lines
+    assert all("misses the budget" in line for line in lines if " nodes: cosine" in line)
+    assert lines[-1] == "engine choice: no OpenVINO int8 node set meets the budgets"
+
+
 def test_one_data_shape_gives_a_static_shape_option_and_mixed_shapes_none() -> None:
     import onnx
 
